@@ -1,0 +1,28 @@
+"""gaaf-patch: Gradient Acceleration in Activation Functions (Hahn & Choi, arXiv 1806.09783) as a model pass.
+
+``model = gaaf_patch.patch(model)`` replaces the activations of any PyTorch model by GAAF activations: same
+forward (bit for bit in the default ``exact`` mode), gradient ``phi'(x) + s(x)`` where the activation saturates.
+"""
+
+from . import shapes
+from .activations import ACTIVATIONS
+from .api import PatchError, patch, unpatch
+from .config import PatchConfig
+from .modules import GAAF, StrippedDropout
+from .ops import gaaf
+from .report import Report, report
+
+__all__ = [
+    "patch",
+    "unpatch",
+    "report",
+    "gaaf",
+    "GAAF",
+    "StrippedDropout",
+    "PatchConfig",
+    "PatchError",
+    "Report",
+    "shapes",
+    "ACTIVATIONS",
+]
+__version__ = "0.1.0"

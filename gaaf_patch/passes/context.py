@@ -1,0 +1,73 @@
+"""State shared by the passes of one ``patch`` call, and the record a patch leaves on the model."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .. import activations as _acts
+from ..config import PatchConfig
+from ..modules import GAAF, Site
+
+RECORD_ATTR = "_gaaf_record"
+
+
+@dataclass
+class PatchRecord:
+    """Kept on the patched model (a plain attribute, not state): what the report cannot read off the modules."""
+
+    config: dict[str, Any]
+    unreached: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    attributes: list[tuple[nn.Module, str, Any, dict[str, Any]]] = field(default_factory=list)  # (module, attr, old, entry)
+
+
+# Class names that look like an activation: if such a module is neither replaced nor patched inside, say so.
+_ACTIVATION_CLASS = re.compile(r"(?i)(relu\d*|gelu|swish|mish|elu|softplus|sigmoid|tanh)(me)?$")
+_GATE_PARENT = re.compile(r"(?i)(squeeze|excit|\bse|gate|eca|cbam|attention|gating)")
+
+
+@dataclass
+class Context:
+    root: nn.Module
+    config: PatchConfig
+    filter_fn: Callable[[nn.Module, str], bool] | None = None
+    gates: set[str] = field(default_factory=set)  # qualified names of sigmoid-like child modules seen used as gates
+    traced: set[str] = field(default_factory=set)  # modules whose own forward was traced
+    unreached: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    attributes: list[tuple[nn.Module, str, Any, dict[str, Any]]] = field(default_factory=list)
+    changed: dict[str, int] = field(default_factory=dict)  # pass name -> sites changed
+
+    def allowed(self, module: nn.Module, name: str) -> bool:
+        return self.filter_fn is None or bool(self.filter_fn(module, name))
+
+    def decide(self, activation: str, name: str, is_gate: bool, module: nn.Module) -> bool:
+        """Whether to patch an activation site; a gate left alone is recorded in ``skipped``."""
+        if not self.config.wants(activation, is_gate):
+            if is_gate and activation in _acts.ACTIVATIONS:
+                self.skipped.append({"name": name, "activation": activation, "reason": "gate (output multiplies)"})
+            return False
+        return self.allowed(module, name)
+
+    def make_gaaf(self, activation: str, params: dict[str, Any], site: Site, original: Any = None, phi=None) -> GAAF:
+        cfg = self.config
+        shape = cfg.shape_for(activation, site.name)
+        return GAAF(activation, shape, mode=cfg.mode, K=cfg.K, site=site, original=original, phi=phi, **params)
+
+    def unreach(self, name: str, form: str, target: str, reason: str) -> None:
+        self.unreached.append({"name": name, "form": form, "target": target, "reason": reason})
+
+    def is_gate_by_name(self, name: str) -> bool:
+        """Fallback when the parent could not be traced: the attribute or the parent's class says gate."""
+        leaf = name.rsplit(".", 1)[-1]
+        parent = self.root.get_submodule(name.rsplit(".", 1)[0]) if "." in name else self.root
+        return "gate" in leaf.lower() or "scale" in leaf.lower() or bool(_GATE_PARENT.search(type(parent).__name__))
+
+
+def looks_like_activation(module: nn.Module) -> bool:
+    return bool(_ACTIVATION_CLASS.search(type(module).__name__))

@@ -1,0 +1,355 @@
+"""Rewrite activations and dropout written as code inside ``forward``: ``F.relu(x)``, ``x.tanh()``, ``F.dropout``.
+
+Each user-defined module is traced on its own with ``torch.fx``, every child a leaf, so a graph holds exactly that
+module's code. A module that cannot be traced is a leaf for its parent and gets traced (or not) on its own: the
+failure stays local, as with modelopt's RobustTracer, and its source is scanned so that a possible site is reported
+as unreached instead of ignored. Rewriting a graph::
+
+    relu = torch.nn.functional.relu(conv, inplace=True)      ->  gaaf_relu = self.gaaf_relu(conv)
+    dropout = torch.nn.functional.dropout(x, 0.1, True)      ->  (uses of dropout read x)
+
+The GAAF module is added as a child (it holds no state: ``state_dict`` keys do not change) and the module's
+``forward`` becomes the generated code, traced in train and in eval mode when the two differ. Only modules with
+something to rewrite are touched; the class, its other methods and attributes stay.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import math
+import operator
+import textwrap
+import warnings
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from .. import activations as _acts
+from ..modules import GAAF, Site
+from . import targets
+from .context import Context
+
+PASS_NAME = "functional"
+
+# Ops a gate's value flows through unchanged in meaning before it multiplies.
+_PASSTHROUGH_METHODS = {
+    "view", "reshape", "expand", "expand_as", "unsqueeze", "squeeze", "flatten", "permute", "transpose",
+    "contiguous", "to", "type_as", "float", "half", "bfloat16",
+}  # fmt: skip
+_PASSTHROUGH_FNS = {torch.reshape, torch.flatten, torch.unsqueeze, torch.squeeze, operator.getitem}
+_MUL_FNS = {operator.mul, operator.imul, torch.mul}
+_MUL_METHODS = {"mul", "mul_"}
+
+
+def _notrace_functions() -> tuple:
+    try:
+        from timm.layers._fx import get_notrace_functions
+
+        return tuple(get_notrace_functions())
+    except ImportError:
+        return ()
+
+
+class _OwnCodeTracer(fx.Tracer):
+    """Traces one module's own code: every submodule it calls is a leaf."""
+
+    def __init__(self) -> None:
+        super().__init__(autowrap_modules=(math,), autowrap_functions=_notrace_functions())
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return True
+
+
+def is_builtin(module: nn.Module) -> bool:
+    """torch.nn's own classes (and our modules): their forward holds no user activation code."""
+    fwd = type(module).forward
+    mod = getattr(fwd, "__module__", "") or ""
+    return mod.startswith("torch.nn.") or mod.startswith("gaaf_patch.") or fwd is nn.Module.forward
+
+
+def _default_args(module: nn.Module) -> tuple[dict[str, Any], int] | None:
+    """Concrete values for parameters with defaults, and the count of required positional parameters."""
+    try:
+        sig = inspect.signature(module.forward)
+    except (TypeError, ValueError):
+        return None
+    concrete, required = {}, 0
+    for p in sig.parameters.values():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            return None
+        if p.default is p.empty:
+            if p.kind == p.KEYWORD_ONLY:
+                return None
+            required += 1
+        else:
+            concrete[p.name] = p.default
+    return concrete, required
+
+
+def _trace(module: nn.Module, concrete: dict[str, Any]) -> fx.Graph:
+    before = set(module.__dict__)
+    try:
+        return _OwnCodeTracer().trace(module, concrete_args=concrete or None)
+    finally:
+        # The tracer parks tensor constants on the module; they are copied back only if the module is rewritten.
+        for key in set(module.__dict__) - before:
+            if key.startswith("_tensor_constant"):
+                module.__dict__.setdefault("_gaaf_constants", {})[key] = module.__dict__.pop(key)
+
+
+def _reaches_mul(node: fx.Node, depth: int = 0) -> bool:
+    for user in node.users:
+        if user.op == "call_function" and user.target in _MUL_FNS:
+            return True
+        if user.op == "call_method" and user.target in _MUL_METHODS:
+            return True
+        passthrough = (user.op == "call_method" and user.target in _PASSTHROUGH_METHODS) or (
+            user.op == "call_function" and user.target in _PASSTHROUGH_FNS
+        )
+        if passthrough and depth < 8 and _reaches_mul(user, depth + 1):
+            return True
+    return False
+
+
+def _input_of(node: fx.Node) -> Any:
+    return node.args[0] if node.args else next(iter(node.kwargs.values()))
+
+
+def _rewire_after(graph: fx.Graph, site: fx.Node, old: fx.Node, new: fx.Node) -> None:
+    """An in-place call changed ``old``: code after it that reads ``old`` must read the new value."""
+    seen = False
+    for n in graph.nodes:
+        if n is site:
+            seen = True
+            continue
+        if seen and n is not new and old in n.all_input_nodes:
+            n.replace_input_with(old, new)
+
+
+class _Rewriter:
+    """Rewrites the sites of one module's graph, sharing GAAF children between its train and eval graphs."""
+
+    def __init__(self, ctx: Context, module: nn.Module, fqn: str) -> None:
+        self.ctx, self.module, self.fqn = ctx, module, fqn
+        self.stripped: dict[str, dict[str, Any]] = {}
+        self.added: list[str] = []
+        self.unreached: dict[str, dict[str, Any]] = {}
+        self.changed = 0
+
+    def site_name(self, node: fx.Node) -> str:
+        return f"{self.fqn}.{node.name}" if self.fqn else node.name
+
+    def rewrite(self, graph: fx.Graph) -> int:
+        n_changed = 0
+        for node in list(graph.nodes):
+            if node.op == "call_module":
+                self._note_gate(node)
+            elif node.op in ("call_function", "call_method"):
+                n_changed += self._activation(graph, node) or self._dropout(graph, node)
+        if n_changed:
+            graph.lint()
+        return n_changed
+
+    def _note_gate(self, node: fx.Node) -> None:
+        """A sigmoid-like module whose output multiplies a tensor is a gate (also the last layer of a Sequential)."""
+        target, child = node.target, self.module.get_submodule(node.target)
+        while isinstance(child, nn.Sequential) and len(child):
+            last = str(len(child) - 1)
+            target, child = f"{target}.{last}", child[-1]
+        form = targets.module_form(child)
+        if form is not None and _acts.get(form.activation).gate_like and _reaches_mul(node):
+            self.ctx.gates.add(f"{self.fqn}.{target}" if self.fqn else target)
+
+    def _activation(self, graph: fx.Graph, node: fx.Node) -> int:
+        if node.op == "call_function":
+            form = targets.FUNCTIONS.get(node.target) if callable(node.target) else None
+            label = f"{getattr(node.target, '__module__', None) or 'torch'}.{getattr(node.target, '__name__', node.target)}"
+            kind = "function"
+        else:
+            form, label, kind = targets.METHODS.get(node.target), f".{node.target}", "method"
+        if form is None:
+            return 0
+        name = self.site_name(node)
+        act = _acts.get(form.activation)
+        is_gate = act.gate_like and _reaches_mul(node)
+        if not self.ctx.decide(form.activation, name, is_gate, self.module):
+            return 0
+        params, inplace = targets.read_params(form, tuple(node.args[1:]), dict(node.kwargs))
+        params.pop("input", None)
+        if any(isinstance(v, fx.Node) for v in params.values()):
+            self.unreached[name] = {"name": name, "form": kind, "target": label, "reason": "parameter computed at run time"}
+            return 0
+        attr = f"gaaf_{node.name}"
+        if attr not in self.module._modules:
+            gaaf = self.ctx.make_gaaf(form.activation, act.params(params), Site(name, kind, label))
+            self.module.add_module(attr, gaaf)
+            self.added.append(attr)
+        inp = _input_of(node)
+        with graph.inserting_before(node):
+            new = graph.call_module(attr, (inp,))
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        if inplace and isinstance(inp, fx.Node):
+            _rewire_after(graph, new, inp, new)
+        return 1
+
+    def _dropout(self, graph: fx.Graph, node: fx.Node) -> int:
+        cfg = self.ctx.config
+        if not cfg.strip_dropout or node.op != "call_function":
+            return 0
+        name = self.site_name(node)
+        label = f"torch.nn.functional.{getattr(node.target, '__name__', node.target)}"
+        if node.target in targets.DROPOUT_FUNCTIONS:
+            if not self.ctx.allowed(self.module, name):
+                return 0
+            p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p")
+            self.stripped.setdefault(name, {"name": name, "form": "function", "target": label, "p": p})
+            node.replace_all_uses_with(_input_of(node))
+            graph.erase_node(node)
+            return 1
+        if node.target is targets.SDPA:
+            i = targets.SDPA_DROPOUT_INDEX
+            p = node.args[i] if len(node.args) > i else node.kwargs.get("dropout_p", 0.0)
+            if isinstance(p, fx.Node):
+                self.unreached[name] = {"name": name, "form": "function", "target": label, "reason": "dropout_p computed at run time"}
+                return 0
+            if not p or not self.ctx.allowed(self.module, name):
+                return 0
+            self.stripped.setdefault(name, {"name": name, "form": "function", "target": label + "(dropout_p)", "p": p})
+            if len(node.args) > i:
+                node.args = node.args[:i] + (0.0,) + node.args[i + 1 :]
+            else:
+                node.kwargs = {**node.kwargs, "dropout_p": 0.0}
+            return 1
+        return 0
+
+
+class PatchedForward:
+    """The instance-level ``forward`` of a rewritten module: the traced code for the current mode.
+
+    Calls that pass arguments the trace did not see (a parameter with a default, given) run the original forward,
+    with one warning: those calls are not patched, and we say so rather than guess.
+    """
+
+    def __init__(self, module: nn.Module, fqn: str, codes: dict[bool, tuple[str, dict]], required: int, added, stripped):
+        self.module, self.fqn, self.required = module, fqn, required
+        self.codes = codes
+        self.added, self.stripped = list(added), list(stripped)
+        self._compile()
+        self._warned = False
+
+    def _compile(self) -> None:
+        from torch.fx.graph_module import _forward_from_src
+
+        self.fns = {mode: _forward_from_src(src, dict(globs)) for mode, (src, globs) in self.codes.items()}
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not kwargs and len(args) == self.required:
+            return self.fns[self.module.training](self.module, *args)
+        if not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"gaaf-patch: {self.fqn or type(self.module).__name__} was called with arguments its trace did not "
+                "see; its function-form GAAF sites run unpatched in such calls",
+                stacklevel=2,
+            )
+        return type(self.module).forward(self.module, *args, **kwargs)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("fns", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._compile()
+
+
+def _python_code(graph: fx.Graph) -> tuple[str, dict]:
+    code = graph.python_code(root_module="self")
+    return code.src, code.globals
+
+
+def _suspects(module: nn.Module) -> list[tuple[str, int]]:
+    """(name, line) of calls in the forward's source that may be activations or dropout."""
+    try:
+        src = textwrap.dedent(inspect.getsource(type(module).forward))
+        lineno = inspect.getsourcelines(type(module).forward)[1]
+        tree = ast.parse(src)
+    except (OSError, TypeError, SyntaxError):
+        return []
+    found = []
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Call):
+            f = n.func
+            name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else None
+            if name in targets.SUSPECT_NAMES:
+                found.append((name, lineno + n.lineno - 1))
+    return found
+
+
+def run(ctx: Context) -> int:
+    """Trace every user module's own forward; rewrite those holding sites. Returns the number of sites changed."""
+    total = 0
+    for fqn, module in list(ctx.root.named_modules()):
+        if is_builtin(module) or targets.module_form(module) is not None or "forward" in module.__dict__:
+            continue
+        total += _patch_module(ctx, module, fqn)
+    ctx.changed[PASS_NAME] = total
+    return total
+
+
+def _patch_module(ctx: Context, module: nn.Module, fqn: str) -> int:
+    shape = _default_args(module)
+    if shape is None:
+        _report_untraceable(ctx, module, fqn, "forward takes *args/**kwargs or keyword-only arguments")
+        return 0
+    concrete, required = shape
+    rewriter = _Rewriter(ctx, module, fqn)
+    graphs: dict[bool, fx.Graph] = {}
+    was = module.training
+    try:
+        for mode in (was, not was):
+            module.training = mode
+            graphs[mode] = _trace(module, concrete)
+    except Exception as e:  # noqa: BLE001 - any tracing failure makes this module a leaf, reported below
+        _report_untraceable(ctx, module, fqn, f"not traceable: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+        return 0
+    finally:
+        module.training = was
+    ctx.traced.add(fqn)
+    changed = {mode: rewriter.rewrite(g) for mode, g in graphs.items()}
+    ctx.unreached.extend(rewriter.unreached.values())
+    if not any(changed.values()):
+        module.__dict__.pop("_gaaf_constants", None)
+        return 0
+    for key, value in module.__dict__.pop("_gaaf_constants", {}).items():
+        module.__dict__[key] = value
+    codes = {mode: _python_code(g) for mode, g in graphs.items()}
+    if codes[True][0] == codes[False][0]:
+        codes = {True: codes[True], False: codes[True]}
+    module.forward = PatchedForward(module, fqn, codes, required, rewriter.added, rewriter.stripped.values())
+    return max(changed.values())
+
+
+def _report_untraceable(ctx: Context, module: nn.Module, fqn: str, reason: str) -> None:
+    relevant = targets.SUSPECT_NAMES if ctx.config.strip_dropout else targets.SUSPECT_NAMES - {"dropout", "alpha_dropout"}
+    for name, line in _suspects(module):
+        if name in relevant:
+            ctx.unreach(f"{fqn}:{line}" if fqn else f"<root>:{line}", "function", name, reason)
+
+
+def unpatch(module: nn.Module) -> bool:
+    """Undo :func:`run` on one module. Returns whether there was anything to undo."""
+    fwd = module.__dict__.get("forward")
+    if not isinstance(fwd, PatchedForward):
+        return False
+    del module.__dict__["forward"]
+    for attr in fwd.added:
+        if isinstance(module._modules.get(attr), GAAF):
+            del module._modules[attr]
+    for key in [k for k in module.__dict__ if k.startswith("_tensor_constant")]:
+        del module.__dict__[key]
+    return True

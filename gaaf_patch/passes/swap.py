@@ -1,0 +1,157 @@
+"""Swap modules: activation modules for :class:`GAAF`, dropout (and, if asked, DropPath) for :class:`StrippedDropout`.
+
+::
+
+    (act): ReLU(inplace=True)      ->  (act): GAAF(relu, shape=relu=shifted_sigmoid(...), mode=exact)
+    (drop): Dropout(p=0.1)         ->  (drop): StrippedDropout(was Dropout(p=0.1))
+
+Walks every name a module is registered under, so a module shared by two parents is replaced at both, by one
+replacement. Also handles the attribute forms of torch's own layers: ``nn.MultiheadAttention.dropout`` (a float)
+and ``nn.TransformerEncoderLayer.activation`` (a function).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch.nn.functional as F
+from torch import nn
+
+from .. import activations as _acts
+from ..modules import GAAF, Site, StrippedDropout
+from . import targets
+from .context import Context, looks_like_activation
+
+PASS_NAME = "modules"
+
+
+def _entries(root: nn.Module):
+    """(parent, attribute, fqn, child) for every registration, GAAF subtrees excluded."""
+    stack = [("", root)]
+    seen: set[int] = set()
+    while stack:
+        prefix, parent = stack.pop()
+        if id(parent) in seen:
+            continue
+        seen.add(id(parent))
+        for attr, child in list(parent._modules.items()):
+            if child is None:
+                continue
+            fqn = f"{prefix}.{attr}" if prefix else attr
+            yield parent, attr, fqn, child
+            if not isinstance(child, (GAAF, StrippedDropout)):
+                stack.append((fqn, child))
+
+
+def run_dropout(ctx: Context) -> int:
+    """Replace dropout modules (and DropPath when ``strip_droppath``); zero ``MultiheadAttention.dropout``."""
+    cfg = ctx.config
+    kinds: tuple[type, ...] = (targets.DROPOUT_MODULES if cfg.strip_dropout else ()) + (
+        targets.DROPPATH_MODULES if cfg.strip_droppath else ()
+    )
+    done: dict[int, nn.Module] = {}
+    n = 0
+    for parent, attr, fqn, child in list(_entries(ctx.root)):
+        if isinstance(child, nn.MultiheadAttention) and cfg.strip_dropout and child.dropout:
+            if ctx.allowed(child, fqn):
+                entry = {"name": f"{fqn}.dropout", "form": "attribute", "target": "MultiheadAttention.dropout", "p": child.dropout}
+                ctx.attributes.append((child, "dropout", child.dropout, entry))
+                child.dropout = 0.0
+                n += 1
+            continue
+        if not kinds or not isinstance(child, kinds):
+            continue
+        if id(child) not in done:
+            if not ctx.allowed(child, fqn):
+                continue
+            p = getattr(child, "p", getattr(child, "drop_prob", None))
+            done[id(child)] = StrippedDropout(Site(fqn, "module", type(child).__name__), child, p)
+            n += 1
+        setattr(parent, attr, done[id(child)])
+    ctx.changed["dropout"] = n
+    return n
+
+
+def run_activations(ctx: Context) -> int:
+    """Replace activation modules by GAAF; report activation-looking classes that nothing reached."""
+    done: dict[int, nn.Module | None] = {}
+    n = 0
+    for parent, attr, fqn, child in list(_entries(ctx.root)):
+        if id(child) in done:
+            if done[id(child)] is not None:
+                setattr(parent, attr, done[id(child)])
+            continue
+        form = targets.module_form(child)
+        done[id(child)] = None
+        if form is None:
+            if isinstance(child, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+                n += _transformer_activation(ctx, child, fqn)
+            elif looks_like_activation(child) and not _reached_inside(child, fqn, ctx):
+                ctx.unreach(fqn, "module", type(child).__name__, "no GAAF form for this class")
+            continue
+        act = _acts.get(form.activation)
+        is_gate = act.gate_like and (
+            fqn in ctx.gates or (_parent_name(fqn) not in ctx.traced and ctx.is_gate_by_name(fqn))
+        )
+        if not ctx.decide(form.activation, fqn, is_gate, child):
+            continue
+        phi = None
+        if form.own_phi:
+            phi = copy.copy(child)
+            if hasattr(phi, "inplace"):
+                phi.inplace = False
+        gaaf = ctx.make_gaaf(form.activation, act.params(form.params(child)), Site(fqn, "module", type(child).__name__), child, phi)
+        done[id(child)] = gaaf
+        setattr(parent, attr, gaaf)
+        n += 1
+    ctx.changed[PASS_NAME] = n
+    return n
+
+
+def _parent_name(fqn: str) -> str:
+    return fqn.rsplit(".", 1)[0] if "." in fqn else ""
+
+
+def _reached_inside(module: nn.Module, fqn: str, ctx: Context) -> bool:
+    """An activation-looking class whose own code was traced: patched inside, or nothing there to patch."""
+    return fqn in ctx.traced
+
+
+_TRANSFORMER_ACTS = {F.relu: "relu", F.gelu: "gelu"}
+
+
+def _transformer_activation(ctx: Context, layer: nn.Module, fqn: str) -> int:
+    fn = layer.__dict__.get("activation")
+    name = _TRANSFORMER_ACTS.get(fn)
+    if name is None:
+        return 0  # a module activation is a child: replaced as a module
+    site = f"{fqn}.activation"
+    if not ctx.decide(name, site, False, layer):
+        return 0
+    gaaf = ctx.make_gaaf(name, {}, Site(site, "attribute", f"torch.nn.functional.{name}"), fn)
+    entry: dict[str, Any] = {"activation_attr": True}
+    del layer.__dict__["activation"]
+    layer.activation = gaaf  # registered as a child: it holds no state
+    ctx.attributes.append((layer, "activation", fn, entry))
+    return 1
+
+
+def undo_attributes(attributes) -> None:
+    for module, attr, old, _entry in reversed(attributes):
+        if attr in module._modules:
+            del module._modules[attr]
+        setattr(module, attr, old)
+
+
+def unpatch_modules(root: nn.Module) -> int:
+    """Put back every module a swap replaced; drop GAAF children the functional pass added."""
+    n = 0
+    for parent, attr, _fqn, child in list(_entries(root)):
+        if not isinstance(child, (GAAF, StrippedDropout)):
+            continue
+        original = child.__dict__.get("_gaaf_original")
+        if isinstance(original, nn.Module):
+            setattr(parent, attr, original)
+            n += 1
+    return n

@@ -1,0 +1,76 @@
+"""``gaaf_patch.report``: what a patch changed, read off the model itself."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .modules import GAAF, StrippedDropout
+from .passes.context import RECORD_ATTR
+from .passes.functional import PatchedForward
+
+__all__ = ["Report", "report"]
+
+
+@dataclass
+class Report:
+    """One entry per site. ``replaced``: GAAF activations; ``stripped``: dropout removed; ``unreached``: sites the
+    passes could not rewrite (each with a reason); ``skipped``: gates left alone on purpose."""
+
+    replaced: list[dict[str, Any]] = field(default_factory=list)
+    stripped: list[dict[str, Any]] = field(default_factory=list)
+    unreached: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    config: dict[str, Any] | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.replaced or self.stripped or self.unreached)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "replaced": self.replaced,
+            "stripped": self.stripped,
+            "unreached": self.unreached,
+            "skipped": self.skipped,
+            "config": self.config,
+            "summary": self.summary(),
+        }
+
+    def to_json(self, **kw: Any) -> str:
+        return json.dumps(self.to_dict(), **kw)
+
+    def summary(self) -> dict[str, Any]:
+        by_act: dict[str, int] = {}
+        for r in self.replaced:
+            by_act[r["activation"]] = by_act.get(r["activation"], 0) + 1
+        return {
+            "replaced": len(self.replaced),
+            "stripped": len(self.stripped),
+            "unreached": len(self.unreached),
+            "skipped": len(self.skipped),
+            "by_activation": by_act,
+        }
+
+
+def report(model: nn.Module) -> Report:
+    """The report of a patched model; empty for a model that was never patched."""
+    rep = Report()
+    for module in model.modules():
+        if isinstance(module, GAAF):
+            rep.replaced.append(module.describe())
+        elif isinstance(module, StrippedDropout):
+            rep.stripped.append(module.describe())
+        fwd = module.__dict__.get("forward")
+        if isinstance(fwd, PatchedForward):
+            rep.stripped.extend(fwd.stripped)
+    record = model.__dict__.get(RECORD_ATTR)
+    if record is not None:
+        rep.stripped.extend(e for _m, _a, _old, e in record.attributes if "name" in e)
+        rep.unreached.extend(record.unreached)
+        rep.skipped.extend(record.skipped)
+        rep.config = record.config
+    rep.replaced.sort(key=lambda r: r["name"])
+    return rep

@@ -1,0 +1,127 @@
+"""The shape-function registry: ``register``, ``get``, ``available``.
+
+A shape function ``s(x)`` is the extra gradient GAAF adds where the activation saturates: the backward becomes
+``phi'(x) + s(x)``. A :class:`ShapeFn` is a pure pointwise function plus named parameters, so a shape can be printed
+(``gauss(width=4.0)``), written into a checkpoint's patch config and read back (:func:`get` parses that spelling).
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+__all__ = ["ShapeFn", "register", "get", "available", "resolve"]
+
+
+@dataclass(frozen=True)
+class ShapeFn:
+    """A differentiable pointwise shape ``s(x)``: ``fn(x, **params)``.
+
+    ``name`` is the registered name; ``family`` the registered function it is built on (equal to ``name`` for a
+    family itself, e.g. ``gauss``; ``gauss`` for ``tanh``'s default).
+    """
+
+    name: str
+    fn: Callable[..., Tensor] = field(compare=False)
+    params: Mapping[str, Any] = field(default_factory=dict)
+    family: str = ""
+    doc: str = field(default="", compare=False)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.fn(x, **self.params)
+
+    def with_params(self, **params: Any) -> ShapeFn:
+        """The same family with some parameters changed; unknown parameter names are an error."""
+        unknown = set(params) - set(self.params)
+        if unknown:
+            raise ValueError(f"shape {self.name!r} takes no parameter {sorted(unknown)}; it takes {sorted(self.params)}")
+        merged = {**self.params, **{k: float(v) if isinstance(v, int) else v for k, v in params.items()}}
+        return ShapeFn(self.family or self.name, self.fn, merged, self.family or self.name, self.doc)
+
+    @property
+    def spec(self) -> str:
+        """``family(k=v, ...)``, parameters that differ from the family's defaults only: what :func:`get` reads."""
+        family = self.family or self.name
+        base = _REGISTRY[family].params if family in _REGISTRY else {}
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params.items() if base.get(k, object()) != v)
+        return f"{family}({args})"
+
+    def __repr__(self) -> str:
+        return self.spec if self.name == (self.family or self.name) else f"{self.name}: {self.spec}"
+
+
+_REGISTRY: dict[str, ShapeFn] = {}
+
+
+def register(name: str, fn: Callable[..., Tensor] | None = None, *, family: str | None = None, **params: Any):
+    """Register a shape function under ``name``, with default ``params``. Usable as a decorator.
+
+    ``register("gauss", width=4.0)(fn)`` registers a family; ``register("tanh", family="gauss", width=4.0)``
+    registers a named member of an existing family (no ``fn``).
+    """
+    params = {k: float(v) if isinstance(v, int) and not isinstance(v, bool) else v for k, v in params.items()}
+
+    def add(f: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        _REGISTRY[name] = ShapeFn(name, f, params, family or name, (f.__doc__ or "").strip())
+        return f
+
+    if family is not None:
+        base = get(family)
+        _REGISTRY[name] = ShapeFn(name, base.fn, {**base.params, **params}, base.family, base.doc)
+        return _REGISTRY[name]
+    return add if fn is None else add(fn)
+
+
+def available() -> list[str]:
+    """Names of every registered shape, sorted."""
+    return sorted(_REGISTRY)
+
+
+_SPEC = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(?:\((.*)\))?\s*$")
+
+
+def get(name: str | ShapeFn, **params: Any) -> ShapeFn:
+    """The shape registered as ``name`` (an activation name gives its default shape), with ``params`` overridden.
+
+    ``name`` may carry parameters, as printed by :attr:`ShapeFn.spec`: ``get("gauss(width=3.0)")``.
+    """
+    if isinstance(name, ShapeFn):
+        return name.with_params(**params) if params else name
+    m = _SPEC.match(name)
+    if not m:
+        raise ValueError(f"cannot read shape {name!r}; write NAME or NAME(param=value, ...)")
+    key, arglist = m.group(1), m.group(2)
+    if key not in _REGISTRY:
+        close = difflib.get_close_matches(key, _REGISTRY, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise KeyError(f"unknown shape {key!r}{hint}; known: {', '.join(available())}")
+    shape = _REGISTRY[key]
+    if arglist:
+        shape = shape.with_params(**_parse_kwargs(arglist, name))
+    return shape.with_params(**params) if params else shape
+
+
+def _parse_kwargs(arglist: str, spelled: str) -> dict[str, Any]:
+    try:
+        call = ast.parse(f"f({arglist})", mode="eval").body
+        assert isinstance(call, ast.Call) and not call.args
+        return {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
+    except (SyntaxError, ValueError, AssertionError):
+        raise ValueError(f"cannot read shape {spelled!r}; parameters must be key=number, e.g. gauss(width=3)") from None
+
+
+def resolve(shape: str | ShapeFn | Callable[[Tensor], Tensor]) -> ShapeFn:
+    """A :class:`ShapeFn` from a registered name, a ShapeFn, or any callable ``s(x)`` (wrapped, named after it)."""
+    if isinstance(shape, (str, ShapeFn)):
+        return get(shape)
+    if callable(shape):
+        label = getattr(shape, "__name__", type(shape).__name__)
+        return ShapeFn(f"<{label}>", lambda x, _f=shape: _f(x), {}, f"<{label}>")
+    raise TypeError(f"a shape must be a registered name, a ShapeFn or a callable s(x), not {type(shape).__name__}")
+
