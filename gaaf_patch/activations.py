@@ -41,6 +41,9 @@ class Activation:
     inverse: Callable[[Tensor], Tensor] | None = None
     gate_like: bool = False  # sigmoid-shaped: in "auto" mode, a site whose output multiplies a tensor is a gate
 
+    def __reduce__(self):
+        return (get, (self.name,))  # by name: the table holds lambdas, which do not pickle
+
     def params(self, given: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Defaults completed with ``given``; rejects names the activation does not take."""
         given = dict(given or {})
@@ -118,7 +121,8 @@ def _hardsigmoid_d(x: Tensor, y: Tensor) -> Tensor:
 
 
 def _hardswish_d(x: Tensor, y: Tensor) -> Tensor:
-    return _where(x < -3, 0.0, _where(x <= 3, x / 3 + 0.5, 1.0)).to(x.dtype)
+    # PyTorch's hardswish_backward: 0 for x <= -3, x/3 + 1/2 strictly inside, 1 for x >= 3 (both kinks excluded).
+    return _where(x <= -3, 0.0, _where(x < 3, x / 3 + 0.5, 1.0)).to(x.dtype)
 
 
 def _atanh_clamped(y: Tensor) -> Tensor:

@@ -63,13 +63,15 @@ def patch(
         )
     except (KeyError, ValueError, TypeError) as e:
         raise PatchError(str(e).strip("'\"")) from None
-    ctx = Context(model, config, filter_fn)
-    passes.run(ctx)
-    _check_patterns(ctx)
     record: PatchRecord | None = model.__dict__.get(RECORD_ATTR)
     if record is None:
         record = PatchRecord(config=_config_dict(config))
-        model.__dict__[RECORD_ATTR] = record
+    ctx = Context(model, config, filter_fn, gates=set(record.gates), traced=set(record.traced))
+    passes.run(ctx)
+    _check_patterns(ctx)
+    model.__dict__[RECORD_ATTR] = record
+    record.gates |= ctx.gates
+    record.traced |= ctx.traced
     _merge(record.unreached, ctx.unreached)
     _merge(record.skipped, ctx.skipped)
     record.attributes.extend(ctx.attributes)

@@ -24,11 +24,13 @@ class PatchRecord:
     unreached: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[dict[str, Any]] = field(default_factory=list)
     attributes: list[tuple[nn.Module, str, Any, dict[str, Any]]] = field(default_factory=list)  # (module, attr, old, entry)
+    gates: set[str] = field(default_factory=set)  # learned from traces: a later patch call re-uses them
+    traced: set[str] = field(default_factory=set)
 
 
 # Class names that look like an activation: if such a module is neither replaced nor patched inside, say so.
 _ACTIVATION_CLASS = re.compile(r"(?i)(relu\d*|gelu|swish|mish|elu|softplus|sigmoid|tanh)(me)?$")
-_GATE_PARENT = re.compile(r"(?i)(squeeze|excit|\bse|gate|eca|cbam|attention|gating)")
+_GATE_PARENT = re.compile(r"(Squeeze|Excit|^SE(?![a-z])|SE$|Gate|Gating|^Eca|^ECA|Cbam|CBAM)")
 
 
 @dataclass

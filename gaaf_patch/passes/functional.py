@@ -16,11 +16,14 @@ something to rewrite are touched; the class, its other methods and attributes st
 from __future__ import annotations
 
 import ast
+import importlib
 import inspect
 import math
 import operator
 import textwrap
+import types
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -258,13 +261,30 @@ class PatchedForward:
         return type(self.module).forward(self.module, *args, **kwargs)
 
     def __getstate__(self) -> dict[str, Any]:
+        # Generated code is not picklable; its source is. Modules in its globals travel by name.
         state = dict(self.__dict__)
         state.pop("fns", None)
+        state["codes"] = {
+            mode: (src, {k: _ModuleRef(v.__name__) if isinstance(v, types.ModuleType) else v for k, v in globs.items()})
+            for mode, (src, globs) in self.codes.items()
+        }
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state["codes"] = {
+            mode: (src, {k: v.load() if isinstance(v, _ModuleRef) else v for k, v in globs.items()})
+            for mode, (src, globs) in state["codes"].items()
+        }
         self.__dict__.update(state)
         self._compile()
+
+
+@dataclass(frozen=True)
+class _ModuleRef:
+    name: str
+
+    def load(self) -> types.ModuleType:
+        return importlib.import_module(self.name)
 
 
 def _python_code(graph: fx.Graph) -> tuple[str, dict]:

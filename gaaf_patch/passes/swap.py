@@ -76,7 +76,11 @@ def run_dropout(ctx: Context) -> int:
 def run_activations(ctx: Context) -> int:
     """Replace activation modules by GAAF; report activation-looking classes that nothing reached."""
     done: dict[int, nn.Module | None] = {}
-    n = 0
+    n = sum(
+        _transformer_activation(ctx, m, fqn)
+        for fqn, m in ctx.root.named_modules()
+        if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))
+    )
     for parent, attr, fqn, child in list(_entries(ctx.root)):
         if id(child) in done:
             if done[id(child)] is not None:
@@ -85,9 +89,7 @@ def run_activations(ctx: Context) -> int:
         form = targets.module_form(child)
         done[id(child)] = None
         if form is None:
-            if isinstance(child, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
-                n += _transformer_activation(ctx, child, fqn)
-            elif looks_like_activation(child) and not _reached_inside(child, fqn, ctx):
+            if looks_like_activation(child) and not _reached_inside(child, fqn, ctx):
                 ctx.unreach(fqn, "module", type(child).__name__, "no GAAF form for this class")
             continue
         act = _acts.get(form.activation)
@@ -126,7 +128,7 @@ def _transformer_activation(ctx: Context, layer: nn.Module, fqn: str) -> int:
     name = _TRANSFORMER_ACTS.get(fn)
     if name is None:
         return 0  # a module activation is a child: replaced as a module
-    site = f"{fqn}.activation"
+    site = f"{fqn}.activation" if fqn else "activation"
     if not ctx.decide(name, site, False, layer):
         return 0
     gaaf = ctx.make_gaaf(name, {}, Site(site, "attribute", f"torch.nn.functional.{name}"), fn)

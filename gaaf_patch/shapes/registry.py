@@ -24,10 +24,11 @@ class ShapeFn:
     """A differentiable pointwise shape ``s(x)``: ``fn(x, **params)``.
 
     ``name`` is the registered name; ``family`` the registered function it is built on (equal to ``name`` for a
-    family itself, e.g. ``gauss``; ``gauss`` for ``tanh``'s default).
+    family itself, e.g. ``gauss``; ``gauss`` for ``tanh``'s default). Two shapes are equal when they compute the
+    same function (same family, same parameters), whatever they are called: ``get(s.spec) == s``.
     """
 
-    name: str
+    name: str = field(compare=False)
     fn: Callable[..., Tensor] = field(compare=False)
     params: Mapping[str, Any] = field(default_factory=dict)
     family: str = ""
@@ -36,12 +37,19 @@ class ShapeFn:
     def __call__(self, x: Tensor) -> Tensor:
         return self.fn(x, **self.params)
 
+    def __reduce__(self):
+        if self.name in _REGISTRY and _REGISTRY[self.name] == self:
+            return (get, (self.name,))
+        if (self.family or self.name) in _REGISTRY:
+            return (get, (self.spec,))
+        raise TypeError(f"shape {self.name!r} is an unregistered callable and cannot be pickled; register it")
+
     def with_params(self, **params: Any) -> ShapeFn:
         """The same family with some parameters changed; unknown parameter names are an error."""
         unknown = set(params) - set(self.params)
         if unknown:
             raise ValueError(f"shape {self.name!r} takes no parameter {sorted(unknown)}; it takes {sorted(self.params)}")
-        merged = {**self.params, **{k: float(v) if isinstance(v, int) else v for k, v in params.items()}}
+        merged = {**self.params, **_floats(params)}
         return ShapeFn(self.family or self.name, self.fn, merged, self.family or self.name, self.doc)
 
     @property
@@ -59,21 +67,28 @@ class ShapeFn:
 _REGISTRY: dict[str, ShapeFn] = {}
 
 
+def _floats(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Integers become floats (``gauss(width=3)`` is ``gauss(width=3.0)``); booleans and strings stay as given."""
+    return {k: float(v) if isinstance(v, int) and not isinstance(v, bool) else v for k, v in params.items()}
+
+
 def register(name: str, fn: Callable[..., Tensor] | None = None, *, family: str | None = None, **params: Any):
     """Register a shape function under ``name``, with default ``params``. Usable as a decorator.
 
     ``register("gauss", width=4.0)(fn)`` registers a family; ``register("tanh", family="gauss", width=4.0)``
     registers a named member of an existing family (no ``fn``).
     """
-    params = {k: float(v) if isinstance(v, int) and not isinstance(v, bool) else v for k, v in params.items()}
+    params = _floats(params)
 
     def add(f: Callable[..., Tensor]) -> Callable[..., Tensor]:
         _REGISTRY[name] = ShapeFn(name, f, params, family or name, (f.__doc__ or "").strip())
         return f
 
     if family is not None:
-        base = get(family)
-        _REGISTRY[name] = ShapeFn(name, base.fn, {**base.params, **params}, base.family, base.doc)
+        if fn is not None:
+            raise TypeError(f"register({name!r}, family={family!r}) builds on {family!r}'s function; give no fn")
+        base = get(family).with_params(**params)  # unknown parameter names are an error here, not at first call
+        _REGISTRY[name] = ShapeFn(name, base.fn, base.params, base.family, base.doc)
         return _REGISTRY[name]
     return add if fn is None else add(fn)
 
@@ -122,6 +137,7 @@ def resolve(shape: str | ShapeFn | Callable[[Tensor], Tensor]) -> ShapeFn:
         return get(shape)
     if callable(shape):
         label = getattr(shape, "__name__", type(shape).__name__)
-        return ShapeFn(f"<{label}>", lambda x, _f=shape: _f(x), {}, f"<{label}>")
+        label = label if label.startswith("<") else f"<{label}>"
+        return ShapeFn(label, lambda x, _f=shape: _f(x), {}, label)
     raise TypeError(f"a shape must be a registered name, a ShapeFn or a callable s(x), not {type(shape).__name__}")
 

@@ -1,0 +1,301 @@
+"""gaaf_patch.patch / unpatch / report on toy models: every form, counts, state_dict, idempotence, errors."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gaaf_patch as gaaf
+from gaaf_patch import GAAF, StrippedDropout
+from tests.toys import EveryForm, SmallCNN, mlp
+
+
+def _count(model: nn.Module, cls: type) -> int:
+    return sum(isinstance(m, cls) for m in model.modules())
+
+
+def _grads(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    model.zero_grad()
+    torch.manual_seed(1)
+    out = model(x)
+    (out * torch.randn_like(out)).sum().backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.fixture
+def every_form():
+    torch.manual_seed(0)
+    return EveryForm().eval(), torch.randn(8, 16)
+
+
+def test_every_form_is_replaced_and_eval_is_bit_identical(every_form):
+    model, x = every_form
+    ref = model(x)
+    keys = list(model.state_dict())
+    assert not gaaf.report(model)  # unpatched: empty
+    assert gaaf.patch(model, strip_dropout=True) is model
+    rep = gaaf.report(model)
+    forms = {(r["form"], r["activation"]) for r in rep.replaced}
+    assert forms == {
+        ("module", "relu"),
+        ("function", "gelu"),
+        ("function", "tanh"),
+        ("method", "relu"),
+        ("method", "tanh"),
+        ("function", "leaky_relu"),
+        ("function", "silu"),
+    }
+    assert len(rep.replaced) == 8  # gelu appears twice (F.gelu and torch._C._nn.gelu)
+    assert _count(model, GAAF) == 8
+    assert {s["form"] for s in rep.stripped} == {"module", "function"} and len(rep.stripped) == 2
+    assert [s["name"] for s in rep.skipped] == ["se.1"]  # the sigmoid gate is left alone in "auto"
+    assert not rep.unreached
+    assert list(model.state_dict()) == keys
+    assert isinstance(model, EveryForm)
+    assert torch.equal(model(x), ref)
+
+
+def test_leaky_relu_parameter_and_gelu_approximation_are_kept(every_form):
+    model, _ = every_form
+    gaaf.patch(model)
+    by_act = {r["activation"]: r for r in gaaf.report(model).replaced}
+    assert by_act["leaky_relu"]["params"] == {"negative_slope": 0.2}
+    approx = sorted(r["params"]["approximate"] for r in gaaf.report(model).replaced if r["activation"] == "gelu")
+    assert approx == ["none", "tanh"]
+
+
+def test_gradients_change_and_match_gaaf_reference():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    x = torch.randn(4, 5, dtype=torch.float64)
+    base = _grads(model, x)
+    gaaf.patch(model)
+    patched = _grads(model, x)
+    assert torch.equal(base[2], patched[2])  # the last layer's weight gradient only sees the (identical) forward
+    assert not torch.allclose(base[0], patched[0])
+    # reference: d loss / d h = (W2^T g) * (tanh'(h) + exp(-h^2/4))
+    lin1, lin2 = model[0], model[2]
+    h = lin1(x)
+    torch.manual_seed(1)
+    g = torch.randn(4, 3, dtype=torch.float64)
+    dh = (g @ lin2.weight) * (1 - torch.tanh(h) ** 2 + torch.exp(-(h**2) / 4))
+    torch.testing.assert_close(patched[0], dh.T @ x)
+
+
+def test_patch_twice_is_a_noop(every_form):
+    model, x = every_form
+    gaaf.patch(model, strip_dropout=True)
+    first = gaaf.report(model).to_dict()
+    forward = model.__dict__["forward"]
+    gaaf.patch(model, strip_dropout=True)
+    assert gaaf.report(model).to_dict() == first
+    assert model.__dict__["forward"] is forward
+    assert not any(isinstance(m.act, GAAF) for m in model.modules() if isinstance(m, GAAF))
+
+
+def test_unpatch_restores_everything(every_form):
+    model, x = every_form
+    pristine = copy.deepcopy(model)
+    before = [(n, type(m)) for n, m in model.named_modules()]
+    gaaf.patch(model, strip_dropout=True)
+    gaaf.unpatch(model)
+    assert [(n, type(m)) for n, m in model.named_modules()] == before
+    assert "forward" not in model.__dict__
+    assert not gaaf.report(model)
+    model.train(), pristine.train()
+    torch.manual_seed(3)
+    a = model(x)
+    torch.manual_seed(3)
+    b = pristine(x)
+    assert torch.equal(a, b)  # dropout back too: same RNG, same masks
+    assert torch.equal(_grads(model, x)[0], _grads(pristine, x)[0])
+
+
+def test_strip_dropout_makes_train_mode_deterministic(every_form):
+    model, x = every_form
+    model.train()
+    assert not torch.equal(model(x), model(x))
+    gaaf.patch(model, strip_dropout=True)
+    assert torch.equal(model(x), model(x))
+
+
+def test_strip_dropout_every_module_kind_and_droppath_separately():
+    from timm.layers import DropPath
+
+    drops = [nn.Dropout(0.3), nn.Dropout1d(0.3), nn.Dropout2d(0.3), nn.Dropout3d(0.3), nn.AlphaDropout(0.3)]
+    model = nn.Sequential(*drops, nn.FeatureAlphaDropout(0.3), DropPath(0.3))
+    gaaf.patch(model, strip_dropout=True)
+    assert _count(model, StrippedDropout) == 6 and isinstance(model[6], DropPath)
+    gaaf.patch(model, strip_droppath=True)
+    assert _count(model, StrippedDropout) == 7
+    assert {s["target"] for s in gaaf.report(model).stripped} >= {"Dropout2d", "FeatureAlphaDropout", "DropPath"}
+
+
+def test_attention_dropout_is_stripped_timm_and_torch():
+    import timm
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, attn_drop_rate=0.5)
+    mha = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.5, batch_first=True)
+    for model, x in ((vit, torch.randn(2, 3, 32, 32)), (mha, torch.randn(2, 5, 16))):
+        model.train()
+        gaaf.patch(model, strip_dropout=True)
+        assert torch.equal(model(x), model(x))
+    assert all(b.attn.attn_drop.p == 0 for b in vit.blocks)
+    assert any(s["target"] == "MultiheadAttention.dropout" for s in gaaf.report(mha).stripped)
+    assert [r["form"] for r in gaaf.report(mha).replaced] == ["attribute"]  # the layer's F.relu attribute
+    gaaf.unpatch(mha)
+    assert mha.self_attn.dropout == 0.5 and mha.activation is F.relu
+
+
+def test_activation_selection_and_gates():
+    torch.manual_seed(0)
+    model = EveryForm()
+    gaaf.patch(model, activations="all")
+    assert any(r["activation"] == "sigmoid" for r in gaaf.report(model).replaced)
+    model = EveryForm()
+    gaaf.patch(model, activations=["tanh"])
+    assert {r["activation"] for r in gaaf.report(model).replaced} == {"tanh"}
+    with pytest.raises(gaaf.PatchError, match="unknown activation 'tanhh'"):
+        gaaf.patch(EveryForm(), activations=["tanhh"])
+
+
+def test_sigmoid_hidden_activation_is_not_a_gate():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Sigmoid(), nn.Linear(4, 2))
+    gaaf.patch(model)
+    assert isinstance(model[1], GAAF)
+
+
+def test_shape_overrides_per_activation_pattern_and_callable():
+    model = SmallCNN()
+    gaaf.patch(model, shapes={"relu": "relu_keras", "features.5": "gauss(width=3)"})
+    by_name = {r["name"]: r["shape"] for r in gaaf.report(model).replaced}
+    assert by_name["features.2"] == "shifted_sigmoid(slope=1.0, shift=4.0)"
+    assert by_name["features.5"] == "gauss(width=3.0)"
+    model = SmallCNN()
+    gaaf.patch(model, shapes={"features.*": lambda x: torch.ones_like(x)})
+    assert {r["shape"] for r in gaaf.report(model).replaced if r["name"].startswith("features")} == {"<lambda>()"}
+    with pytest.raises(gaaf.PatchError, match="matching a patched site"):
+        gaaf.patch(SmallCNN(), shapes={"layer9.*": "tanh"})
+    with pytest.raises(gaaf.PatchError, match="unknown shape 'gaus'"):
+        gaaf.patch(SmallCNN(), shapes={"relu": "gaus"})
+
+
+def test_filter_fn_picks_sites():
+    model = SmallCNN()
+    gaaf.patch(model, filter_fn=lambda m, name: name.startswith("features"))
+    assert sorted(r["name"] for r in gaaf.report(model).replaced) == ["features.2", "features.5"]
+
+
+def test_sawtooth_mode_moves_forward_by_less_than_half_over_k():
+    torch.manual_seed(0)
+    model = mlp(sizes=(20, 30, 30, 5)).eval()
+    x = torch.randn(16, 20)
+    ref = model(x)
+    gaaf.patch(model, mode="sawtooth", K=100)
+    diff = (model(x) - ref).abs().max().item()
+    assert 0 < diff < 1.0  # propagated through two linear layers; the per-site bound is tested in test_ops
+
+
+def test_shared_activation_module_is_replaced_at_every_name():
+    act = nn.ReLU()
+    model = nn.Sequential(nn.Linear(3, 3), act, nn.Linear(3, 3), act)
+    gaaf.patch(model)
+    assert model[1] is model[3] and isinstance(model[1], GAAF)
+
+
+def test_untraceable_module_is_reported_once_and_warned():
+    class Dynamic(nn.Module):
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent: torch.fx cannot trace this
+                return F.relu(x)
+            return torch.tanh(x)
+
+    model = nn.Sequential(nn.Linear(3, 3), Dynamic(), nn.ReLU())
+    with pytest.warns(UserWarning, match="2 activation/dropout site"):
+        gaaf.patch(model)
+    rep = gaaf.report(model)
+    assert {u["target"] for u in rep.unreached} == {"relu", "tanh"}
+    assert all("not traceable" in u["reason"] for u in rep.unreached)
+    assert isinstance(model[2], GAAF)  # the rest of the model is still patched
+
+
+def test_unknown_activation_class_is_reported():
+    class HardMish(nn.Module):  # an activation with no GAAF form
+        def forward(self, x):
+            return 0.5 * x * (x + 2).clamp(min=0, max=2)
+
+    model = nn.Sequential(nn.Linear(3, 3), HardMish(), nn.PReLU())
+    with pytest.warns(UserWarning):
+        gaaf.patch(model)
+    assert {u["target"] for u in gaaf.report(model).unreached} == {"PReLU"}
+
+
+def test_call_with_untraced_arguments_warns_and_runs_original():
+    class WithMask(nn.Module):
+        def forward(self, x, mask=None):
+            x = F.relu(x)
+            return x if mask is None else x * mask
+
+    model = WithMask()
+    gaaf.patch(model)
+    x = torch.randn(3)
+    assert torch.equal(model(x), F.relu(x))
+    with pytest.warns(UserWarning, match="arguments its trace did not see"):
+        out = model(x, torch.ones(3))
+    assert torch.equal(out, F.relu(x))
+
+
+def test_train_and_eval_branches_are_traced_separately():
+    class Branchy(nn.Module):
+        def forward(self, x):
+            return torch.tanh(x) if self.training else F.relu(x)
+
+    model = Branchy()
+    gaaf.patch(model)
+    x = torch.randn(5)
+    assert torch.equal(model.train()(x), torch.tanh(x))
+    assert torch.equal(model.eval()(x), F.relu(x))
+    assert {r["activation"] for r in gaaf.report(model).replaced} == {"tanh", "relu"}
+
+
+def test_wrapped_models_are_refused():
+    model = SmallCNN()
+    with pytest.raises(gaaf.PatchError, match="DataParallel; patch model.module"):
+        gaaf.patch(nn.DataParallel(model))
+    with pytest.raises(gaaf.PatchError, match="before torch.compile"):
+        gaaf.patch(torch.compile(model))
+    with pytest.raises(gaaf.PatchError, match="mode"):
+        gaaf.patch(model, mode="fast")
+
+
+def test_deepcopy_and_pickle_of_a_patched_model(every_form):
+    model, x = every_form
+    gaaf.patch(model, strip_dropout=True)
+    ref = model(x)
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert torch.equal(clone(x), ref)
+        assert len(gaaf.report(clone).replaced) == len(gaaf.report(model).replaced)
+        gaaf.unpatch(clone)
+        assert "forward" not in clone.__dict__
+
+
+def test_config_round_trip_replays_the_patch(every_form):
+    model, _ = every_form
+    gaaf.patch(model, shapes={"tanh": "tanh_keras"}, strip_dropout=True, mode="sawtooth", K=500)
+    cfg = gaaf.report(model).config
+    replay = EveryForm()
+    gaaf.patch(replay, **gaaf.PatchConfig.from_dict(cfg).__dict__)
+    assert gaaf.report(replay).to_dict()["replaced"] == gaaf.report(model).to_dict()["replaced"]
+
+
+def test_no_warning_on_clean_model():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gaaf.patch(SmallCNN())
