@@ -14,7 +14,7 @@ from collections.abc import Callable
 from torch import nn
 
 from . import functional, swap
-from .context import Context, PatchRecord, RECORD_ATTR
+from .context import RECORD_ATTR, Context, PatchRecord
 
 PASSES: list[tuple[str, Callable[[Context], int]]] = [
     ("dropout", swap.run_dropout),

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import activations as _acts
-from ..modules import GAAF, Site, StrippedDropout
+from ..modules import GAAF, Site, StrippedDropout, original_of
 from . import targets
 from .context import Context, looks_like_activation
 
@@ -89,7 +89,8 @@ def run_activations(ctx: Context) -> int:
         form = targets.module_form(child)
         done[id(child)] = None
         if form is None:
-            if looks_like_activation(child) and not _reached_inside(child, fqn, ctx):
+            # An activation-looking class whose own code was traced was patched inside, or has nothing to patch.
+            if looks_like_activation(child) and fqn not in ctx.traced:
                 ctx.unreach(fqn, "module", type(child).__name__, "no GAAF form for this class")
             continue
         act = _acts.get(form.activation)
@@ -113,11 +114,6 @@ def run_activations(ctx: Context) -> int:
 
 def _parent_name(fqn: str) -> str:
     return fqn.rsplit(".", 1)[0] if "." in fqn else ""
-
-
-def _reached_inside(module: nn.Module, fqn: str, ctx: Context) -> bool:
-    """An activation-looking class whose own code was traced: patched inside, or nothing there to patch."""
-    return fqn in ctx.traced
 
 
 _TRANSFORMER_ACTS = {F.relu: "relu", F.gelu: "gelu"}
@@ -152,7 +148,7 @@ def unpatch_modules(root: nn.Module) -> int:
     for parent, attr, _fqn, child in list(_entries(root)):
         if not isinstance(child, (GAAF, StrippedDropout)):
             continue
-        original = child.__dict__.get("_gaaf_original")
+        original = original_of(child)
         if isinstance(original, nn.Module):
             setattr(parent, attr, original)
             n += 1
