@@ -6,7 +6,6 @@ site they sit at, so the report is read off the model itself and ``unpatch`` can
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
