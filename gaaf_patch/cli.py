@@ -1,0 +1,421 @@
+"""``gaaf-patch``: patch a model from the command line, check the patch, and optionally save it.
+
+``gaaf-patch MODEL`` is short for ``gaaf-patch patch MODEL``. The CLI is a thin layer: it builds the model
+(:mod:`gaaf_patch.models`), calls :func:`gaaf_patch.patch`, and checks on one random batch that the forward is
+unchanged (bit for bit in ``exact`` mode) and the input gradient is not. The check is there because a patch that
+silently changes the forward, or silently changes nothing, is the failure a user cannot see otherwise.
+
+Exit codes: 0 success, 1 the check failed, 2 a usage error (one line on stderr, no traceback).
+
+A subcommand is one ``_add_<name>_parser(subparsers)`` function that sets ``func`` to one ``_cmd_<name>(args)``
+function returning the exit code, listed in :data:`_PARSERS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .api import PatchError, patch
+from .models import CheckpointError, ModelSpecError, build_model, default_input_size, load_checkpoint
+from .ops import DEFAULT_K, MODES
+from .report import Report, report
+
+__all__ = ["main", "verify", "Verification"]
+
+PROG = "gaaf-patch"
+SEED = 0
+# sawtooth mode moves the forward by at most max|s| / (2K) per site; this bounds the whole model's output drift.
+SAWTOOTH_RTOL = 1e-3
+
+
+class UsageError(Exception):
+    """A mistake in the command line or its inputs: reported as one line, exit code 2."""
+
+
+class VerificationFailed(Exception):
+    """The patched model does not behave as a patch must: exit code 1."""
+
+
+# ----------------------------------------------------------------------------------------------------------- checks
+
+
+@dataclass
+class Verification:
+    """What :func:`verify` found: the forward check, the gradient check, and whether both passed."""
+
+    input_shape: tuple[int, ...]
+    mode: str
+    output_ok: bool
+    output_check: str  # "bit-identical" or "allclose"
+    output_max_abs_diff: float
+    output_tolerance: float
+    gradient_ok: bool
+    gradient_expect: str  # "differ" (sites were replaced) or "equal" (nothing was)
+    gradient_max_abs_diff: float
+    seed: int = SEED
+
+    @property
+    def ok(self) -> bool:
+        return self.output_ok and self.gradient_ok
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "input_shape": list(self.input_shape),
+            "seed": self.seed,
+            "output": {
+                "ok": self.output_ok,
+                "check": self.output_check,
+                "max_abs_diff": self.output_max_abs_diff,
+                "tolerance": self.output_tolerance,
+            },
+            "gradient": {
+                "ok": self.gradient_ok,
+                "expect": self.gradient_expect,
+                "max_abs_diff": self.gradient_max_abs_diff,
+            },
+        }
+
+
+def _tensors(out: Any) -> list[Tensor]:
+    """The tensors of a model output, in a fixed order: a tensor, a (named) tuple or list, or a dict of them."""
+    if isinstance(out, Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for k in sorted(out, key=str) for t in _tensors(out[k])]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _tensors(o)]
+    return []
+
+
+def _bit_equal(a: Tensor, b: Tensor) -> bool:
+    """``torch.equal``, except that NaN equals NaN: a random-init model may overflow, and does so identically."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if not a.is_floating_point():
+        return torch.equal(a, b)
+    na, nb = a.isnan(), b.isnan()
+    return torch.equal(na, nb) and torch.equal(a.masked_fill(na, 0), b.masked_fill(nb, 0))
+
+
+def _max_abs_diff(a: list[Tensor], b: list[Tensor]) -> float:
+    diffs = [
+        (x.double() - y.double()).abs().nan_to_num(0.0).max().item() for x, y in zip(a, b, strict=True) if x.numel()
+    ]
+    return max(diffs, default=0.0)
+
+
+def _run(model: nn.Module, batch: Tensor) -> tuple[list[Tensor], Tensor]:
+    """Eval-mode outputs and the gradient of their sum with respect to the input."""
+    x = batch.clone().requires_grad_(True)
+    outs = _tensors(model(x))
+    floats = [o for o in outs if o.is_floating_point() and o.requires_grad]
+    if not floats:
+        raise UsageError("the model output has no differentiable tensor to check the gradient on")
+    (grad,) = torch.autograd.grad(sum(o.sum() for o in floats), x, allow_unused=True)
+    return [o.detach() for o in outs], torch.zeros_like(x) if grad is None else grad
+
+
+def verify(original: nn.Module, patched: nn.Module, rep: Report, input_shape: Sequence[int], mode: str) -> Verification:
+    """Compare ``patched`` with its unpatched ``original`` on one seeded random batch, both in eval mode.
+
+    Forward: ``exact`` mode must be bit-identical; ``sawtooth`` within ``1e-3 * max(1, max|reference|)``. Gradient
+    of the summed output with respect to the input: it must differ when sites were replaced (GAAF adds ``s(x)``
+    where activations saturate) and be identical when none were.
+    """
+    batch = torch.randn(tuple(input_shape), generator=torch.Generator().manual_seed(SEED))
+    original.eval()
+    patched.eval()
+    try:
+        ref_out, ref_grad = _run(original, batch)
+    except RuntimeError as e:  # the unpatched model rejects the batch: almost always an input size it does not take
+        raise UsageError(
+            f"the model fails on a batch of shape {list(batch.shape)} ({_one_line(e)}); set --input-size"
+        ) from e
+    try:
+        new_out, new_grad = _run(patched, batch)
+    except Exception as e:  # the original ran on this batch, so the patch broke the model
+        raise VerificationFailed(
+            f"the patched model fails where the original runs: {type(e).__name__}: {_one_line(e)}"
+        ) from e
+    if len(ref_out) != len(new_out) or any(a.shape != b.shape for a, b in zip(ref_out, new_out, strict=True)):
+        raise VerificationFailed("the patched model's output has a different structure or shape")
+    out_diff = _max_abs_diff(ref_out, new_out)
+    if mode == "exact":
+        check, tol = "bit-identical", 0.0
+        out_ok = all(_bit_equal(a, b) for a, b in zip(ref_out, new_out, strict=True))
+    else:
+        scale = max([1.0] + [a.abs().nan_to_num(0.0).max().item() for a in ref_out if a.numel()])
+        check, tol = "allclose", SAWTOOTH_RTOL * scale
+        out_ok = out_diff <= tol
+    grad_diff = _max_abs_diff([ref_grad], [new_grad])
+    same_grad = _bit_equal(ref_grad, new_grad)
+    expect = "differ" if rep.replaced else "equal"
+    grad_ok = not same_grad if rep.replaced else same_grad
+    return Verification(tuple(input_shape), mode, out_ok, check, out_diff, tol, grad_ok, expect, grad_diff)
+
+
+# ------------------------------------------------------------------------------------------------------ arguments
+
+
+def _input_size(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(d) for d in text.replace("x", ",").split(",") if d.strip())
+    except ValueError:
+        dims = ()
+    if not dims or any(d < 1 for d in dims):
+        raise argparse.ArgumentTypeError(f"expected positive integers C,H,W (e.g. 3,224,224), got {text!r}")
+    return dims
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return n
+
+
+def _shape_override(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip() or not value.strip():
+        raise argparse.ArgumentTypeError(f"expected ACTIVATION=SHAPE (e.g. relu=relu_keras), got {text!r}")
+    return key.strip(), value.strip()
+
+
+def _add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """MODEL, --checkpoint, --num-classes: every subcommand that builds a model takes these."""
+    p.add_argument("model", metavar="MODEL", help="timm name (resnet50), tv:NAME (torchvision) or FILE.py:FACTORY")
+    p.add_argument("--checkpoint", metavar="PATH", help="weights to load (strictly) before patching")
+    p.add_argument("--num-classes", type=_positive_int, metavar="N", help="classifier outputs (default: the model's)")
+
+
+def _add_patch_options(p: argparse.ArgumentParser) -> None:
+    """The options of gaaf_patch.patch(); their dest names are its keyword names."""
+    g = p.add_argument_group("patch")
+    g.add_argument("--activations", default="auto", help="auto (all but gates), all, or names: relu,tanh")
+    g.add_argument(
+        "--shape", dest="shapes", action="append", type=_shape_override, default=[], metavar="ACT=SHAPE",
+        help="shape for an activation or a site pattern, repeatable: relu=relu_keras, tanh='gauss(width=3)'",
+    )  # fmt: skip
+    g.add_argument("--strip-dropout", action="store_true", help="replace dropout by identity")
+    g.add_argument("--strip-droppath", action="store_true", help="replace drop-path (stochastic depth) by identity")
+    g.add_argument("--mode", choices=MODES, default="exact", help="exact: forward unchanged (default); sawtooth")
+    g.add_argument("--K", type=float, default=DEFAULT_K, help=f"sawtooth frequency (default {DEFAULT_K:g})")
+
+
+def _patch_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "activations": args.activations,
+        "shapes": dict(args.shapes),
+        "strip_dropout": args.strip_dropout,
+        "strip_droppath": args.strip_droppath,
+        "mode": args.mode,
+        "K": args.K,
+    }
+
+
+# ------------------------------------------------------------------------------------------------------ `patch`
+
+
+def _add_patch_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("patch", help="patch a model, check the patch, print what changed (the default)")
+    _add_model_arguments(p)
+    _add_patch_options(p)
+    c = p.add_argument_group("check")
+    c.add_argument("--input-size", type=_input_size, metavar="C,H,W", help="per-sample input (default: the model's)")
+    c.add_argument("--batch-size", type=_positive_int, default=2, help="random batch size (default 2)")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", metavar="PATH", help="save {state_dict, gaaf_config, model} of the patched model")
+    o.add_argument("--json", action="store_true", help="print only JSON on stdout")
+    p.set_defaults(func=_cmd_patch)
+
+
+def _cmd_patch(args: argparse.Namespace) -> int:
+    if args.out and not Path(args.out).resolve().parent.is_dir():  # fail before the work, not after it
+        raise UsageError(f"--out {args.out}: no such directory {Path(args.out).resolve().parent}")
+    with torch.random.fork_rng(devices=[]):  # a seeded init makes runs comparable, without touching the caller's RNG
+        torch.manual_seed(SEED)
+        model = build_model(args.model, args.num_classes, args.input_size)
+    checkpoint = None
+    if args.checkpoint:
+        ckpt = load_checkpoint(model, args.checkpoint)
+        checkpoint = {"path": args.checkpoint, "key": ckpt.key, "gaaf_config": ckpt.gaaf_config}
+    original = copy.deepcopy(model)
+    input_shape = (args.batch_size, *(args.input_size or default_input_size(model)))
+
+    with warnings.catch_warnings():
+        # patch() warns about unreached sites; they are in the report, printed below.
+        warnings.filterwarnings("ignore", message="gaaf-patch:")
+        start = time.perf_counter()
+        patch(model, **_patch_kwargs(args))
+        seconds = time.perf_counter() - start
+    rep = report(model)
+
+    check = verify(original, model, rep, input_shape, args.mode)
+
+    saved = None
+    if args.out and check.ok:
+        try:
+            torch.save({"state_dict": model.state_dict(), "gaaf_config": rep.config, "model": args.model}, args.out)
+        except (OSError, RuntimeError) as e:
+            raise UsageError(f"cannot write {args.out}: {_one_line(e)}") from e
+        saved = args.out
+
+    if args.json:
+        doc = {
+            "model": args.model,
+            "checkpoint": checkpoint,
+            "report": rep.to_dict(),
+            "verification": check.to_dict(),
+            "patch_seconds": seconds,
+            "out": saved,
+        }
+        print(json.dumps(doc, indent=2, default=str))
+    else:
+        _print_report(args.model, rep, check, seconds, checkpoint, saved, args.out)
+    return 0 if check.ok else 1
+
+
+def _print_report(
+    model_name: str,
+    rep: Report,
+    check: Verification,
+    seconds: float,
+    checkpoint: dict[str, Any] | None,
+    saved: str | None,
+    out: str | None,
+) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    def table(title: str, columns: Sequence[str], rows: list[Sequence[str]], **kw: Any) -> None:
+        t = Table(title=escape(title), **kw)
+        for col in columns:
+            t.add_column(col, overflow="fold")
+        for row in rows:  # site names and reasons are data, never rich markup
+            t.add_row(*(escape(str(c)) for c in row))
+        console.print(t)
+
+    console = Console(highlight=False)
+    if checkpoint:
+        where = f" [{checkpoint['key']}]" if checkpoint["key"] else ""
+        console.print(f"loaded {escape(checkpoint['path'])}{escape(where)}", soft_wrap=True)
+        old = checkpoint["gaaf_config"]
+        if old is not None and old != rep.config:  # the options given now win; say so, since it may be a slip
+            console.print(
+                f"[yellow]note: it was saved patched with a different config: {escape(str(old))}[/]", soft_wrap=True
+            )
+    if rep.replaced:
+        rows = [
+            (r["name"] or "<root>", r["form"], r["target"], r["activation"], f"→ {r['shape']}") for r in rep.replaced
+        ]
+        table(f"{model_name}: GAAF activations", ("site", "form", "was", "activation", "shape"), rows)
+    if rep.stripped:
+        rows = [
+            (r["name"] or "<root>", r.get("form", ""), r.get("target", ""), "" if r.get("p") is None else f"{r['p']:g}")
+            for r in rep.stripped
+        ]
+        table("dropout removed", ("site", "form", "was", "p"), rows)
+    if rep.unreached:
+        rows = [(r["name"], r.get("form", ""), r.get("target", ""), r.get("reason", "")) for r in rep.unreached]
+        table("not patched (unreached)", ("site", "form", "was", "reason"), rows, style="yellow")
+
+    s = rep.summary()
+    acts = ", ".join(f"{k} {v}" for k, v in sorted(s["by_activation"].items()))
+    console.print(
+        f"replaced {s['replaced']}" + (f" ({acts})" if acts else "")
+        + f", stripped {s['stripped']}, unreached {s['unreached']}, skipped gates {s['skipped']}"
+        + f"; patched in {seconds * 1e3:.1f} ms",
+        soft_wrap=True,
+    )  # fmt: skip
+    out_word = "[green]ok[/]" if check.output_ok else "[red]FAILED[/]"
+    tol = "" if check.output_check == "bit-identical" else f", tolerance {check.output_tolerance:.3g}"
+    grad_word = "[green]ok[/]" if check.gradient_ok else "[red]FAILED[/]"
+    console.print(
+        f"forward {check.output_check} on {list(check.input_shape)}: {out_word} "
+        f"(max |diff| {check.output_max_abs_diff:.3g}{tol}); "
+        f"input gradient should {check.gradient_expect}: {grad_word} (max |diff| {check.gradient_max_abs_diff:.3g})",
+        soft_wrap=True,
+    )
+    if saved:
+        console.print(f"saved to {escape(saved)}", soft_wrap=True)
+    elif out:
+        console.print(f"[red]not saved to {escape(out)}: the check failed[/]", soft_wrap=True)
+
+
+# ----------------------------------------------------------------------------------------------------------- main
+
+_PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [_add_patch_parser]
+DEFAULT_COMMAND = "patch"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand of :data:`_PARSERS`."""
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Replace a model's activations by GAAF activations (Hahn & Choi) and check the result. "
+        f"'{PROG} MODEL ...' is short for '{PROG} {DEFAULT_COMMAND} MODEL ...'.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in _PARSERS:
+        add(sub)
+    return parser
+
+
+def _with_default_command(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """Insert the default subcommand unless the first argument names one (or asks for top-level help)."""
+    commands = next(a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    if argv and (argv[0] in commands or argv[0] in ("-h", "--help", "--version")):
+        return argv
+    return [DEFAULT_COMMAND, *argv]
+
+
+def _one_line(e: BaseException) -> str:
+    text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    return " ".join(str(text).split())
+
+
+def _error(message: str) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit code instead of exiting, so tests
+    and other programs can call it in-process."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parser.parse_args(_with_default_command(parser, argv))
+    except SystemExit as e:  # argparse: --help, --version (0) or a usage error (2, message already printed)
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        return int(args.func(args))
+    except VerificationFailed as e:
+        print(f"{PROG}: verification failed: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except (UsageError, ModelSpecError, CheckpointError, PatchError, KeyError, ValueError, OSError) as e:
+        return _error(_one_line(e))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,337 @@
+"""The ``gaaf-patch`` command line, run in-process through ``main(argv)``.
+
+Models are random-init and small (timm/torchvision resnet18 on 32x32 inputs, toy models from a factory file), so the
+whole file runs in seconds on a CPU; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from gaaf_patch import PatchConfig, patch, report, shapes
+from gaaf_patch.cli import main
+from gaaf_patch.models import build_model
+
+SMALL = ["--input-size", "3,32,32"]
+
+FACTORY = textwrap.dedent(
+    """
+    import torch.nn.functional as F
+    from torch import nn
+
+
+    class Net(nn.Module):
+        def __init__(self, num_classes=10):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.act = nn.Tanh()
+            self.drop = nn.Dropout(0.3)
+            self.head = nn.Linear(8, num_classes)
+
+        def forward(self, x):
+            x = self.drop(self.act(self.conv(x)))
+            x = F.dropout(x, 0.1, self.training)
+            return self.head(F.relu(x).mean((2, 3)))
+
+
+    def make_net(num_classes=10):
+        return Net(num_classes)
+
+
+    def not_a_model():
+        return 3
+    """
+)
+
+
+@pytest.fixture
+def factory_file(tmp_path: Path) -> Path:
+    path = tmp_path / "mynet.py"
+    path.write_text(FACTORY)
+    return path
+
+
+def run_json(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, dict]:
+    rc = main([*argv, "--json"])
+    out = capsys.readouterr().out
+    return rc, json.loads(out)  # --json: stdout is the JSON document and nothing else
+
+
+def error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert "Traceback" not in captured.err
+    assert lines[0].startswith("gaaf-patch: error: ")
+    return lines[0]
+
+
+def test_timm_model_json_exact_is_bit_identical(capsys: pytest.CaptureFixture[str]) -> None:
+    rc, doc = run_json(capsys, ["resnet18", *SMALL, "--num-classes", "10"])
+    assert rc == 0
+    assert doc["model"] == "resnet18"
+    rep = doc["report"]
+    assert rep["summary"]["replaced"] == 17 == len(rep["replaced"])
+    assert {r["activation"] for r in rep["replaced"]} == {"relu"}
+    assert "act1" in {r["name"] for r in rep["replaced"]}
+    v = doc["verification"]
+    assert v["ok"] is True
+    assert v["input_shape"] == [2, 3, 32, 32]
+    assert v["output"] == {"ok": True, "check": "bit-identical", "max_abs_diff": 0.0, "tolerance": 0.0}
+    assert v["gradient"]["ok"] is True and v["gradient"]["expect"] == "differ"
+    assert v["gradient"]["max_abs_diff"] > 0
+    assert doc["patch_seconds"] > 0
+    assert rep["config"]["mode"] == "exact"
+
+
+def test_patch_subcommand_is_the_default(capsys: pytest.CaptureFixture[str], factory_file: Path) -> None:
+    argv = [f"{factory_file}:make_net", "--input-size", "3,8,8", "--num-classes", "5"]
+    rc_short, short = run_json(capsys, argv)
+    rc_long, long = run_json(capsys, ["patch", *argv])
+    assert rc_short == rc_long == 0
+    assert short["report"]["replaced"] == long["report"]["replaced"]
+    assert short["verification"] == long["verification"]  # seeded init and batch: runs are reproducible
+
+
+def test_torchvision_model(capsys: pytest.CaptureFixture[str]) -> None:
+    rc, doc = run_json(capsys, ["tv:resnet18", *SMALL, "--num-classes", "10"])
+    assert rc == 0 and doc["verification"]["ok"] is True
+    # torchvision's resnet18 calls one ReLU module twice per block: 9 modules, each replaced once
+    assert len(doc["report"]["replaced"]) == 9
+    assert "layer1.0.relu" in {r["name"] for r in doc["report"]["replaced"]}
+
+
+def test_rich_output_lists_sites_and_summary(capsys: pytest.CaptureFixture[str], factory_file: Path) -> None:
+    assert main([f"{factory_file}:make_net", "--input-size", "3,8,8", "--shape", "relu=gauss(width=3)"]) == 0
+    out = capsys.readouterr().out
+    assert "GAAF activations" in out
+    assert "gauss(width=3.0)" in out
+    assert "replaced 2 (relu 1, tanh 1)" in out
+    assert "bit-identical" in out and "FAILED" not in out
+    assert " ms" in out
+
+
+def test_sawtooth_mode_within_tolerance(capsys: pytest.CaptureFixture[str]) -> None:
+    rc, doc = run_json(capsys, ["tv:resnet18", *SMALL, "--num-classes", "10", "--mode", "sawtooth"])
+    assert rc == 0
+    out = doc["verification"]["output"]
+    assert out["check"] == "allclose" and out["ok"] is True
+    assert 0 < out["max_abs_diff"] <= out["tolerance"]  # the sawtooth does move the forward, a little
+    assert {r["mode"] for r in doc["report"]["replaced"]} == {"sawtooth"}
+
+
+def test_sawtooth_with_a_coarse_K_fails_verification(capsys: pytest.CaptureFixture[str], factory_file: Path) -> None:
+    out = factory_file.parent / "never.pt"
+    argv = [f"{factory_file}:make_net", "--input-size", "3,8,8", "--mode", "sawtooth", "--K", "10", "--out", str(out)]
+    rc, doc = run_json(capsys, argv)
+    assert rc == 1
+    assert doc["verification"]["ok"] is False
+    assert doc["verification"]["output"]["max_abs_diff"] > doc["verification"]["output"]["tolerance"]
+    assert doc["out"] is None and not out.exists()  # a patch that failed its check is not saved
+    assert main(argv[:-2]) == 1
+    assert "FAILED" in capsys.readouterr().out
+
+
+def test_file_factory_and_strip_dropout(capsys: pytest.CaptureFixture[str], factory_file: Path) -> None:
+    rc, doc = run_json(capsys, [f"{factory_file}:make_net", "--input-size", "3,8,8", "--strip-dropout"])
+    assert rc == 0
+    rep = doc["report"]
+    assert {r["name"]: (r["form"], r["activation"]) for r in rep["replaced"]} == {
+        "act": ("module", "tanh"),
+        "relu": ("function", "relu"),
+    }
+    stripped = {r["name"]: r for r in rep["stripped"]}
+    assert "drop" in stripped and stripped["drop"]["p"] == pytest.approx(0.3)
+    assert stripped["dropout"]["form"] == "function" and stripped["dropout"]["p"] == pytest.approx(0.1)
+    assert len(stripped) == 2
+    assert doc["verification"]["ok"] is True
+
+
+def test_timm_vit_strip_dropout(capsys: pytest.CaptureFixture[str]) -> None:
+    # fixed-input-size timm models get img_size from --input-size
+    rc, doc = run_json(capsys, ["vit_tiny_patch16_224", *SMALL, "--num-classes", "10", "--strip-dropout"])
+    assert rc == 0
+    rep = doc["report"]
+    assert rep["summary"]["by_activation"] == {"gelu": 12}
+    names = {r["name"] for r in rep["stripped"]}
+    assert {"pos_drop", "blocks.0.attn.attn_drop", "blocks.11.mlp.drop2"} <= names
+    assert doc["verification"]["output"]["ok"] is True
+
+
+def test_unknown_model_suggests_close_names(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["resnet5O"]) == 2
+    line = error_line(capsys)
+    assert "resnet5O" in line and "resnet50" in line
+
+
+def test_unknown_torchvision_model(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["tv:resnet1B"]) == 2
+    assert "tv:resnet18" in error_line(capsys)
+
+
+@pytest.mark.parametrize(
+    ("spec", "expect"),
+    [
+        ("{dir}/missing.py:make_net", "no such file"),
+        ("{file}:nope", "no function 'nope'"),
+        ("{file}:not_a_model", "not an nn.Module"),
+        ("{file}", "FACTORY"),
+    ],
+)
+def test_bad_factory(capsys: pytest.CaptureFixture[str], factory_file: Path, spec: str, expect: str) -> None:
+    assert main([spec.format(dir=factory_file.parent, file=factory_file)]) == 2
+    assert expect in error_line(capsys)
+
+
+@pytest.mark.parametrize(
+    ("args", "expect"),
+    [
+        (["--shape", "relu=nope"], "unknown shape 'nope'"),
+        (["--shape", "relu=gauss(wdth=3)"], "wdth"),
+        (["--activations", "rlu"], "unknown activation 'rlu'"),
+        (["--shape", "layer9.*=gauss"], "layer9.*"),
+    ],
+)
+def test_bad_patch_options_exit_2(
+    capsys: pytest.CaptureFixture[str], factory_file: Path, args: list[str], expect: str
+) -> None:
+    assert main([f"{factory_file}:make_net", "--input-size", "3,8,8", *args]) == 2
+    assert expect in error_line(capsys)
+
+
+def test_argparse_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["resnet18", "--shape", "relu"]) == 2
+    assert "ACTIVATION=SHAPE" in capsys.readouterr().err
+    assert main(["resnet18", "--input-size", "3,a,2"]) == 2
+    assert "C,H,W" in capsys.readouterr().err
+    assert main([]) == 2
+    assert "MODEL" in capsys.readouterr().err
+    assert main(["--help"]) == 0
+    assert "patch" in capsys.readouterr().out
+
+
+def test_out_into_a_missing_directory_exits_2_before_patching(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    assert main(["resnet18", "--out", str(tmp_path / "no" / "such.pt")]) == 2
+    assert "no such directory" in error_line(capsys)
+
+
+def test_input_size_the_model_rejects_exits_2(capsys: pytest.CaptureFixture[str], factory_file: Path) -> None:
+    assert main([f"{factory_file}:make_net", "--input-size", "5,8,8"]) == 2
+    line = error_line(capsys)
+    assert "[2, 5, 8, 8]" in line and "--input-size" in line
+
+
+def test_checkpoint_with_wrong_keys_names_them(capsys: pytest.CaptureFixture[str], factory_file: Path) -> None:
+    sd = build_model(f"{factory_file}:make_net").state_dict()
+    sd["extra.weight"] = torch.zeros(1)
+    del sd["head.bias"]
+    sd["conv.weight"] = torch.zeros(1, 2, 3)
+    bad = factory_file.parent / "bad.pt"
+    torch.save({"state_dict": sd}, bad)
+    assert main([f"{factory_file}:make_net", "--checkpoint", str(bad)]) == 2
+    line = error_line(capsys)
+    assert "1 missing key(s): head.bias" in line
+    assert "1 unexpected key(s): extra.weight" in line
+    assert "conv.weight (1, 2, 3) vs model (8, 3, 3, 3)" in line
+
+
+def test_unreadable_checkpoint(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    model = str(Path(__file__).parent / "toys.py") + ":SmallCNN"
+    assert main([model, "--checkpoint", str(junk)]) == 2
+    assert "cannot read checkpoint" in error_line(capsys)
+    assert main([model, "--checkpoint", str(tmp_path / "absent.pt")]) == 2
+    assert "no such checkpoint" in error_line(capsys)
+
+
+def test_plain_and_timm_style_checkpoints_load(capsys: pytest.CaptureFixture[str], factory_file: Path) -> None:
+    model = build_model(f"{factory_file}:make_net")
+    with torch.no_grad():
+        model.head.bias.fill_(7.0)
+    sd = model.state_dict()
+    for name, obj in [
+        ("plain.pt", sd),
+        ("timm.pt", {"epoch": 3, "arch": "x", "state_dict": sd}),
+        ("ddp.pt", {"model": {f"module.{k}": v for k, v in sd.items()}}),
+        ("ema.pt", {"state_dict_ema": sd}),
+    ]:
+        path = factory_file.parent / name
+        torch.save(obj, path)
+        rc, doc = run_json(capsys, [f"{factory_file}:make_net", "--input-size", "3,8,8", "--checkpoint", str(path)])
+        assert rc == 0, name
+        assert doc["checkpoint"]["path"] == str(path)
+
+
+def test_out_then_checkpoint_round_trip(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    out = tmp_path / "patched.pt"
+    args = ["tv:resnet18", *SMALL, "--num-classes", "10", "--shape", "relu=relu_keras", "--strip-dropout"]
+    rc, first = run_json(capsys, [*args, "--out", str(out)])
+    assert rc == 0 and first["out"] == str(out)
+
+    saved = torch.load(out, weights_only=True)
+    assert saved["model"] == "tv:resnet18"
+    assert saved["gaaf_config"] == first["report"]["config"]
+    # The saved config replays through the library: the same sites, the same shapes.
+    model = build_model("tv:resnet18", 10)
+    model.load_state_dict(saved["state_dict"], strict=True)
+    cfg = PatchConfig.from_dict(saved["gaaf_config"])
+    patch(model, **{k: getattr(cfg, k) for k in saved["gaaf_config"]})
+    assert [r["shape"] for r in report(model).replaced] == [r["shape"] for r in first["report"]["replaced"]]
+    assert {r["shape"] for r in report(model).replaced} == {shapes.get("relu_keras").spec}
+
+    rc, second = run_json(capsys, [*args, "--checkpoint", str(out)])
+    assert rc == 0
+    assert second["checkpoint"]["key"] == "state_dict"
+    assert second["checkpoint"]["gaaf_config"] == first["report"]["config"]
+    assert second["verification"]["ok"] is True
+    # Loaded weights, not a fresh random init: the reloaded model computes what the saved one did.
+    fresh = build_model("tv:resnet18", 10)
+    assert not torch.equal(fresh.fc.weight, saved["state_dict"]["fc.weight"])
+
+
+def test_unreached_sites_are_reported_not_warned(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    path = tmp_path / "odd.py"
+    path.write_text(
+        textwrap.dedent(
+            """
+            import torch
+            from torch import nn
+
+            class Odd(nn.Module):
+                def __init__(self):
+                    super().__init__()
+                    self.lin = nn.Linear(4, 4)
+
+                def forward(self, x):
+                    x = self.lin(x)
+                    if x.sum() > 1e9:  # data-dependent control flow: fx cannot trace this forward
+                        x = x * 2
+                    return torch.tanh(x)
+
+            def make():
+                return Odd()
+            """
+        )
+    )
+    rc = main([f"{path}:make", "--input-size", "4", "--json"])
+    captured = capsys.readouterr()
+    assert rc == 0
+    assert captured.err == ""  # patch()'s warning is replaced by the report's unreached table
+    doc = json.loads(captured.out)
+    assert doc["verification"]["input_shape"] == [2, 4]
+    assert doc["verification"]["gradient"] == {"ok": True, "expect": "equal", "max_abs_diff": 0.0}
+    (site,) = doc["report"]["unreached"]
+    assert site["target"] == "tanh" and "not traceable" in site["reason"]
+    assert doc["report"]["summary"]["replaced"] == 0
+
+    assert main([f"{path}:make", "--input-size", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "not patched (unreached)" in out and "unreached 1" in out
