@@ -54,10 +54,10 @@ class ShapeFn:
 
     @property
     def spec(self) -> str:
-        """``family(k=v, ...)``, parameters that differ from the family's defaults only: what :func:`get` reads."""
+        """``family(k=v, ...)``: what :func:`get` reads back. Parameters at their neutral value (no offset, unit
+        scale and height) are left out, so a spec reads like the formula: ``gauss(width=4.0)``."""
         family = self.family or self.name
-        base = _REGISTRY[family].params if family in _REGISTRY else {}
-        args = ", ".join(f"{k}={v!r}" for k, v in self.params.items() if base.get(k, object()) != v)
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params.items() if _NEUTRAL.get(k, object()) != v)
         return f"{family}({args})"
 
     def __repr__(self) -> str:
@@ -65,6 +65,7 @@ class ShapeFn:
 
 
 _REGISTRY: dict[str, ShapeFn] = {}
+_NEUTRAL = {"center": 0.0, "scale": 1.0, "height": 1.0}
 
 
 def _floats(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -126,6 +127,7 @@ def _parse_kwargs(arglist: str, spelled: str) -> dict[str, Any]:
     try:
         call = ast.parse(f"f({arglist})", mode="eval").body
         assert isinstance(call, ast.Call) and not call.args
+        assert all(kw.arg is not None for kw in call.keywords)  # no **mapping
         return {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
     except (SyntaxError, ValueError, AssertionError):
         raise ValueError(f"cannot read shape {spelled!r}; parameters must be key=number, e.g. gauss(width=3)") from None
