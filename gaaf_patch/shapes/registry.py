@@ -57,7 +57,13 @@ class ShapeFn:
         """``family(k=v, ...)``: what :func:`get` reads back. Parameters at their neutral value (no offset, unit
         scale and height) are left out, so a spec reads like the formula: ``gauss(width=4.0)``."""
         family = self.family or self.name
-        args = ", ".join(f"{k}={v!r}" for k, v in self.params.items() if _NEUTRAL.get(k, object()) != v)
+        base = _REGISTRY[family].params if family in _REGISTRY else {}
+        # left out only where get() puts the same value back: the family's own default must be that neutral value
+        args = ", ".join(
+            f"{k}={v!r}"
+            for k, v in self.params.items()
+            if not (_NEUTRAL.get(k, object()) == v and base.get(k, object()) == v)
+        )
         return f"{family}({args})"
 
     def __repr__(self) -> str:
