@@ -7,6 +7,7 @@ forward (bit for bit in the default ``exact`` mode), gradient ``phi'(x) + s(x)``
 from . import shapes
 from .activations import ACTIVATIONS
 from .api import PatchError, patch, unpatch
+from .backend import compile
 from .config import PatchConfig
 from .modules import GAAF, StrippedDropout
 from .ops import gaaf
@@ -15,6 +16,7 @@ from .report import Report, report
 __all__ = [
     "patch",
     "unpatch",
+    "compile",
     "report",
     "gaaf",
     "GAAF",
