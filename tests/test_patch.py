@@ -299,3 +299,23 @@ def test_no_warning_on_clean_model():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         gaaf.patch(SmallCNN())
+
+
+def test_inplace_activation_on_a_view_and_on_the_input_is_seen_by_the_base():
+    class ViewInplace(nn.Module):
+        def forward(self, x):
+            h = x * 1.0
+            F.relu(h[:, :4], inplace=True)  # mutates h through a view, result discarded
+            torch.tanh_(x)  # mutates the caller's tensor
+            return h
+
+    model = ViewInplace()
+    x = torch.randn(3, 8)
+    x1, x2 = x.clone(), x.clone()
+    ref = model(x1)
+    gaaf.patch(model)
+    assert len(gaaf.report(model).replaced) == 2
+    assert torch.equal(model(x2), ref) and torch.equal(x2, x1)
+    xg = torch.randn(3, 8, requires_grad=True)
+    model(xg * 1.0).sum().backward()  # the clone GAAF saves is not the tensor copy_ modifies
+    assert xg.grad is not None

@@ -120,6 +120,26 @@ def _input_of(node: fx.Node) -> Any:
     return node.args[0] if node.args else next(iter(node.kwargs.values()))
 
 
+_VIEW_METHODS = {
+    "view", "view_as", "narrow", "select", "transpose", "permute", "unsqueeze", "squeeze", "expand", "as_strided",
+    "t", "chunk", "split", "unflatten", "flatten", "reshape", "diagonal", "unbind", "movedim", "swapaxes", "detach",
+    "__getitem__",
+}  # fmt: skip
+_VIEW_FNS = {
+    operator.getitem, torch.narrow, torch.select, torch.transpose, torch.permute, torch.flatten, torch.reshape,
+    torch.squeeze, torch.unsqueeze, torch.chunk, torch.split, torch.t, torch.unbind, torch.movedim, torch.diagonal,
+}  # fmt: skip
+
+
+def _may_alias(node: fx.Node) -> bool:
+    """Whether an in-place change of ``node`` is visible outside this graph's reads: an input, or a view."""
+    return (
+        node.op == "placeholder"
+        or (node.op == "call_method" and node.target in _VIEW_METHODS)
+        or (node.op == "call_function" and node.target in _VIEW_FNS)
+    )
+
+
 def _rewire_after(graph: fx.Graph, site: fx.Node, old: fx.Node, new: fx.Node) -> None:
     """An in-place call changed ``old``: code after it that reads ``old`` must read the new value."""
     seen = False
@@ -196,6 +216,11 @@ class _Rewriter:
         graph.erase_node(node)
         if inplace and isinstance(inp, fx.Node):
             _rewire_after(graph, new, inp, new)
+            if _may_alias(inp):  # the caller, or the view's base, sees the in-place change: write the result back
+                with graph.inserting_before(new):
+                    new.args = (graph.call_method("clone", (inp,)),)  # GAAF may save its input for backward
+                with graph.inserting_after(new):
+                    graph.call_method("copy_", (inp, new))
         return 1
 
     def _dropout(self, graph: fx.Graph, node: fx.Node) -> int:
