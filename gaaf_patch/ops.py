@@ -144,7 +144,7 @@ def _multiplier(saved: Tensor, from_output: bool, act: Activation, shape: ShapeF
     if from_output:
         x, y = act.inverse(t), t
     else:
-        x, y = t, None
+        x, y = t, (act.phi(t, **params) if act.inverse is not None else None)
     return act.dphi(x, y, **params) + shape(x)
 
 
@@ -156,7 +156,8 @@ def _backward(saved: Tensor, gy: Tensor, from_output: bool, act: Activation, sha
     if native is None or torch.is_grad_enabled():
         # unknown activation, or double backward: out of place, differentiable
         return (_multiplier(saved, from_output, act, shape, params) * g).to(gy.dtype)
-    out = native(g, t, params)  # dy phi'(x): one fused kernel
+    # dy phi'(x): one fused kernel; tanh's and sigmoid's take the output, recomputed when x was saved (sawtooth)
+    out = native(g, act.phi(t, **params) if act.inverse is not None and not from_output else t, params)
     if from_output:
         # gauss(+-inf) = 0 exactly, so tanh's atanh needs no clamp there; the registered inverses return a new tensor
         if shape.fn is not _lib.zero:
@@ -192,7 +193,9 @@ class GAAFFunction(torch.autograd.Function):
     def forward(ctx, x, act, shape, mode, K, params, phi=None):  # noqa: D102
         y = _forward(x, act, shape, mode, K, params, phi)
         ctx.act, ctx.shape, ctx.params = act, shape, params
-        ctx.from_output = act.inverse is not None
+        # The output suffices only in exact mode: in sawtooth mode it carries g(x) s(x), and inverting it would
+        # evaluate phi' + s at a shifted x (by up to 1/(2K phi'(x)), large in the saturation).
+        ctx.from_output = act.inverse is not None and mode == "exact"
         ctx.save_for_backward(y if ctx.from_output else x)
         return y
 

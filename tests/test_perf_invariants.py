@@ -110,7 +110,10 @@ def test_sawtooth_forward_kernels(name):
     exact_fwd, exact_bwd = _site_ops(name)
     # phi, then g (mul, floor, 3 in-place), s (2-3 passes), g*s and + phi in place
     assert len(fwd) <= len(exact_fwd) + 10, fwd
-    assert bwd == exact_bwd
+    if name == "tanh":  # x is saved in sawtooth mode: tanh recomputed for its kernel instead of atanh for x
+        assert "atanh" not in bwd and len(bwd) == len(exact_bwd), bwd
+    else:
+        assert bwd == exact_bwd
 
 
 # ---------------------------------------------------------------------------------------------------------------------
