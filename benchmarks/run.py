@@ -497,16 +497,7 @@ def render(results: dict[str, Any], console) -> None:
         for col in ("variant", "step", "fwd (train)", "infer", "peak mem", "saved act."):
             t.add_column(col, justify="left" if col == "variant" else "right")
         for v in r["eager"]["step"]:
-            e, m = r["eager"], r["memory"][v]
-            if v == "base":
-                cells = [f"{e[w][v]['ms']:.2f} ms" for w in ("step", "fwd", "infer")]
-                cells += [f"{m['peak_MB']:.1f} MB" if m["peak_MB"] is not None else "n/a", f"{m['saved_MB']:.1f} MB"]
-            else:
-                cells = [_fmt_ratio(e[w][v], iqr=w == "step") for w in ("step", "fwd", "infer")]
-                cells += [
-                    f"{m['peak_ratio']:.3f}x" if m["peak_ratio"] is not None else "n/a",
-                    f"{m['saved_ratio']:.3f}x",
-                ]
+            cells = _eager_cells(r, v)
             t.add_row(v, *cells)
         console.print(t)
         if "compiled" in r:
@@ -522,6 +513,16 @@ def render(results: dict[str, Any], console) -> None:
     console.print("patch time: " + ", ".join(f"{k} {1e3 * v:.0f} ms" for k, v in results["patch_s"].items()))
 
 
+def _eager_cells(r: dict[str, Any], v: str) -> list[str]:
+    """The eager row of variant ``v``: absolute for the base, ratios to it for the others."""
+    e, m = r["eager"], r["memory"][v]
+    if v == "base":
+        cells = [f"{e[w][v]['ms']:.2f} ms" for w in ("step", "fwd", "infer")]
+        return cells + [f"{m['peak_MB']:.1f} MB" if m["peak_MB"] is not None else "n/a", f"{m['saved_MB']:.1f} MB"]
+    cells = [_fmt_ratio(e[w][v], iqr=w == "step") for w in ("step", "fwd", "infer")]
+    return cells + [f"{m['peak_ratio']:.3f}x" if m["peak_ratio"] is not None else "n/a", f"{m['saved_ratio']:.3f}x"]
+
+
 def markdown(results: dict[str, Any]) -> str:
     info = results["machine"]
     lines = [
@@ -534,16 +535,7 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     for name, r in results["models"].items():
         for v in r["eager"]["step"]:
-            e, m = r["eager"], r["memory"][v]
-            if v == "base":
-                cells = [f"{e[w][v]['ms']:.2f} ms" for w in ("step", "fwd", "infer")]
-                cells += [f"{m['peak_MB']:.1f} MB" if m["peak_MB"] is not None else "n/a", f"{m['saved_MB']:.1f} MB"]
-            else:
-                cells = [_fmt_ratio(e[w][v], iqr=w == "step") for w in ("step", "fwd", "infer")]
-                cells += [
-                    f"{m['peak_ratio']:.3f}x" if m["peak_ratio"] is not None else "n/a",
-                    f"{m['saved_ratio']:.3f}x",
-                ]
+            cells = _eager_cells(r, v)
             lines.append(f"| {name} | {v} | " + " | ".join(cells) + " |")
     if any("compiled" in r for r in results["models"].values()):
         lines += [

@@ -9,15 +9,11 @@ from typing import Any
 from torch import nn
 
 from . import passes
-from .config import PatchConfig, ShapeLike
+from .config import PatchConfig, PatchError, ShapeLike, build
 from .ops import DEFAULT_K
 from .passes.context import RECORD_ATTR, Context, PatchRecord
 
 __all__ = ["patch", "unpatch", "PatchError"]
-
-
-class PatchError(ValueError):
-    """A model or an option gaaf-patch cannot work with; the message says what to do."""
 
 
 def _check_model(model: Any) -> None:
@@ -52,17 +48,9 @@ def patch(
     produce one warning.
     """
     _check_model(model)
-    try:
-        config = PatchConfig(
-            activations=activations if isinstance(activations, str) else tuple(activations),
-            shapes=dict(shapes or {}),
-            strip_dropout=strip_dropout,
-            strip_droppath=strip_droppath,
-            mode=mode,
-            K=K,
-        )
-    except (KeyError, ValueError, TypeError) as e:
-        raise PatchError(str(e).strip("'\"")) from None
+    config = build(
+        activations, shapes, strip_dropout=strip_dropout, strip_droppath=strip_droppath, mode=mode, K=K
+    )
     record: PatchRecord | None = model.__dict__.get(RECORD_ATTR)
     if record is None:
         record = PatchRecord(config=_config_dict(config))

@@ -50,7 +50,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from . import ops
-from .config import PatchConfig, ShapeLike
+from .config import PatchConfig, PatchError, ShapeLike, build
 from .modules import GAAF
 from .ops import DEFAULT_K
 from .passes import targets
@@ -382,18 +382,7 @@ def compile(
     as plain arithmetic and cannot be told apart there: to strip it, ``gaaf_patch.patch(model,
     strip_droppath=True)`` first, then compile with ``backend="gaaf"`` (patched sites are not patched again).
     """
-    from .api import PatchError
-
     if "backend" in torch_compile_kwargs:
         raise PatchError("gaaf_patch.compile picks the backend itself; call torch.compile(model, backend=...) instead")
-    try:
-        config = PatchConfig(
-            activations=activations if isinstance(activations, str) else tuple(activations),
-            shapes=dict(shapes or {}),
-            strip_dropout=strip_dropout,
-            mode=mode,
-            K=K,
-        )
-    except (KeyError, ValueError, TypeError) as e:
-        raise PatchError(str(e).strip("'\"")) from None
+    config = build(activations, shapes, strip_dropout=strip_dropout, mode=mode, K=K)
     return torch.compile(model, backend=GAAFBackend(config), mode=compile_mode, **torch_compile_kwargs)

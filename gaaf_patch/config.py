@@ -15,7 +15,11 @@ from .shapes import ShapeFn, get, resolve
 
 ShapeLike = str | ShapeFn | Callable[[Tensor], Tensor]
 
-__all__ = ["PatchConfig"]
+__all__ = ["PatchConfig", "PatchError", "build"]
+
+
+class PatchError(ValueError):
+    """A model or an option gaaf-patch cannot work with; the message says what to do."""
 
 
 @dataclass(frozen=True)
@@ -92,3 +96,15 @@ class PatchConfig:
             raise ValueError(f"unknown patch config keys {sorted(unknown)}")
         acts = d.get("activations", "auto")
         return cls(**{**d, "activations": acts if isinstance(acts, str) else tuple(acts)})
+
+
+def build(activations: str | Sequence[str] = "auto", shapes: Mapping[str, ShapeLike] | None = None, **options: Any):
+    """A :class:`PatchConfig` from the keyword options of ``patch`` / ``compile``; bad options raise PatchError."""
+    try:
+        return PatchConfig(
+            activations=activations if isinstance(activations, str) else tuple(activations),
+            shapes=dict(shapes or {}),
+            **options,
+        )
+    except (KeyError, ValueError, TypeError) as e:
+        raise PatchError(str(e).strip("'\"")) from None
