@@ -48,9 +48,7 @@ def patch(
     produce one warning.
     """
     _check_model(model)
-    config = build(
-        activations, shapes, strip_dropout=strip_dropout, strip_droppath=strip_droppath, mode=mode, K=K
-    )
+    config = build(activations, shapes, strip_dropout=strip_dropout, strip_droppath=strip_droppath, mode=mode, K=K)
     record: PatchRecord | None = model.__dict__.get(RECORD_ATTR)
     if record is None:
         record = PatchRecord(config=_config_dict(config))

@@ -109,5 +109,3 @@ class StrippedDropout(nn.Identity):
 
 def original_of(module: nn.Module) -> Any:
     return module.__dict__.get("_gaaf_original")
-
-

@@ -23,7 +23,9 @@ class PatchRecord:
     config: dict[str, Any]
     unreached: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[dict[str, Any]] = field(default_factory=list)
-    attributes: list[tuple[nn.Module, str, Any, dict[str, Any]]] = field(default_factory=list)  # (module, attr, old, entry)
+    attributes: list[tuple[nn.Module, str, Any, dict[str, Any]]] = field(
+        default_factory=list
+    )  # (module, attr, old, entry)
     gates: set[str] = field(default_factory=set)  # learned from traces: a later patch call re-uses them
     traced: set[str] = field(default_factory=set)
 

@@ -188,7 +188,9 @@ class _Rewriter:
     def _activation(self, graph: fx.Graph, node: fx.Node) -> int:
         if node.op == "call_function":
             form = targets.FUNCTIONS.get(node.target) if callable(node.target) else None
-            label = f"{getattr(node.target, '__module__', None) or 'torch'}.{getattr(node.target, '__name__', node.target)}"
+            label = (
+                f"{getattr(node.target, '__module__', None) or 'torch'}.{getattr(node.target, '__name__', node.target)}"
+            )
             kind = "function"
         else:
             form, label, kind = targets.METHODS.get(node.target), f".{node.target}", "method"
@@ -202,7 +204,12 @@ class _Rewriter:
         params, inplace = targets.read_params(form, tuple(node.args[1:]), dict(node.kwargs))
         params.pop("input", None)
         if any(isinstance(v, fx.Node) for v in params.values()):
-            self.unreached[name] = {"name": name, "form": kind, "target": label, "reason": "parameter computed at run time"}
+            self.unreached[name] = {
+                "name": name,
+                "form": kind,
+                "target": label,
+                "reason": "parameter computed at run time",
+            }
             return 0
         attr = f"gaaf_{node.name}"
         if attr not in self.module._modules:
@@ -241,7 +248,12 @@ class _Rewriter:
             i = targets.SDPA_DROPOUT_INDEX
             p = node.args[i] if len(node.args) > i else node.kwargs.get("dropout_p", 0.0)
             if isinstance(p, fx.Node):
-                self.unreached[name] = {"name": name, "form": "function", "target": label, "reason": "dropout_p computed at run time"}
+                self.unreached[name] = {
+                    "name": name,
+                    "form": "function",
+                    "target": label,
+                    "reason": "dropout_p computed at run time",
+                }
                 return 0
             if not p or not self.ctx.allowed(self.module, name):
                 return 0
@@ -261,7 +273,9 @@ class PatchedForward:
     with one warning: those calls are not patched, and we say so rather than guess.
     """
 
-    def __init__(self, module: nn.Module, fqn: str, codes: dict[bool, tuple[str, dict]], required: int, added, stripped):
+    def __init__(
+        self, module: nn.Module, fqn: str, codes: dict[bool, tuple[str, dict]], required: int, added, stripped
+    ):
         self.module, self.fqn, self.required = module, fqn, required
         self.codes = codes
         self.added, self.stripped = list(added), list(stripped)
@@ -380,7 +394,9 @@ def _patch_module(ctx: Context, module: nn.Module, fqn: str) -> int:
 
 
 def _report_untraceable(ctx: Context, module: nn.Module, fqn: str, reason: str) -> None:
-    relevant = targets.SUSPECT_NAMES if ctx.config.strip_dropout else targets.SUSPECT_NAMES - {"dropout", "alpha_dropout"}
+    relevant = (
+        targets.SUSPECT_NAMES if ctx.config.strip_dropout else targets.SUSPECT_NAMES - {"dropout", "alpha_dropout"}
+    )
     for name, line in _suspects(module):
         if name in relevant:
             ctx.unreach(f"{fqn}:{line}" if fqn else f"<root>:{line}", "function", name, reason)

@@ -55,7 +55,12 @@ def run_dropout(ctx: Context) -> int:
     for parent, attr, fqn, child in list(_entries(ctx.root)):
         if isinstance(child, nn.MultiheadAttention) and cfg.strip_dropout and child.dropout:
             if ctx.allowed(child, fqn):
-                entry = {"name": f"{fqn}.dropout", "form": "attribute", "target": "MultiheadAttention.dropout", "p": child.dropout}
+                entry = {
+                    "name": f"{fqn}.dropout",
+                    "form": "attribute",
+                    "target": "MultiheadAttention.dropout",
+                    "p": child.dropout,
+                }
                 ctx.attributes.append((child, "dropout", child.dropout, entry))
                 child.dropout = 0.0
                 n += 1
@@ -104,7 +109,9 @@ def run_activations(ctx: Context) -> int:
             phi = copy.copy(child)
             if hasattr(phi, "inplace"):
                 phi.inplace = False
-        gaaf = ctx.make_gaaf(form.activation, act.params(form.params(child)), Site(fqn, "module", type(child).__name__), child, phi)
+        gaaf = ctx.make_gaaf(
+            form.activation, act.params(form.params(child)), Site(fqn, "module", type(child).__name__), child, phi
+        )
         done[id(child)] = gaaf
         setattr(parent, attr, gaaf)
         n += 1

@@ -48,7 +48,9 @@ class ShapeFn:
         """The same family with some parameters changed; unknown parameter names are an error."""
         unknown = set(params) - set(self.params)
         if unknown:
-            raise ValueError(f"shape {self.name!r} takes no parameter {sorted(unknown)}; it takes {sorted(self.params)}")
+            raise ValueError(
+                f"shape {self.name!r} takes no parameter {sorted(unknown)}; it takes {sorted(self.params)}"
+            )
         merged = {**self.params, **_floats(params)}
         return ShapeFn(self.family or self.name, self.fn, merged, self.family or self.name, self.doc)
 
@@ -148,4 +150,3 @@ def resolve(shape: str | ShapeFn | Callable[[Tensor], Tensor]) -> ShapeFn:
         label = label if label.startswith("<") else f"<{label}>"
         return ShapeFn(label, lambda x, _f=shape: _f(x), {}, label)
     raise TypeError(f"a shape must be a registered name, a ShapeFn or a callable s(x), not {type(shape).__name__}")
-
