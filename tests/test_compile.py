@@ -424,7 +424,7 @@ class Mixed(nn.Module):
 
 
 @pytest.mark.parametrize("mode", ["exact", "sawtooth"])
-@pytest.mark.parametrize("precision", ["bf16_model", pytest.param("autocast", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("precision", ["bf16_model", "autocast"])
 def test_mixed_precision_stays_finite(mode, precision):
     torch.manual_seed(0)
     model = Mixed()
@@ -438,7 +438,6 @@ def test_mixed_precision_stays_finite(mode, precision):
         assert torch.isfinite(t).all()
 
 
-@pytest.mark.slow
 def test_timm_model_matches_eager_patch():
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
