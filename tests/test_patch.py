@@ -231,10 +231,19 @@ def test_unknown_activation_class_is_reported():
         def forward(self, x):
             return 0.5 * x * (x + 2).clamp(min=0, max=2)
 
-    model = nn.Sequential(nn.Linear(3, 3), HardMish(), nn.PReLU())
-    with pytest.warns(UserWarning):
+    class QuickGELU(nn.Module):  # x * sigmoid(1.702 x): the sigmoid alone is a gate, the class has no GAAF form
+        def forward(self, x):
+            return x * torch.sigmoid(1.702 * x)
+
+    class MyGELU(nn.Module):  # an activation class whose code holds a known activation: patched inside
+        def forward(self, x):
+            return F.gelu(x)
+
+    model = nn.Sequential(nn.Linear(3, 3), HardMish(), nn.PReLU(), QuickGELU(), MyGELU())
+    with pytest.warns(UserWarning, match="3 activation/dropout site"):
         gaaf.patch(model)
-    assert {u["target"] for u in gaaf.report(model).unreached} == {"PReLU"}
+    assert {u["target"] for u in gaaf.report(model).unreached} == {"PReLU", "HardMish", "QuickGELU"}
+    assert [r["name"] for r in gaaf.report(model).replaced] == ["4.gelu"]
 
 
 def test_call_with_untraced_arguments_warns_and_runs_original():

@@ -94,8 +94,8 @@ def run_activations(ctx: Context) -> int:
         form = targets.module_form(child)
         done[id(child)] = None
         if form is None:
-            # An activation-looking class whose own code was traced was patched inside, or has nothing to patch.
-            if looks_like_activation(child) and fqn not in ctx.traced:
+            # An activation-looking class (QuickGELU, HardMish, PReLU) that nothing was patched inside: say so.
+            if looks_like_activation(child) and not any(isinstance(m, GAAF) for m in child.modules()):
                 ctx.unreach(fqn, "module", type(child).__name__, "no GAAF form for this class")
             continue
         act = _acts.get(form.activation)
