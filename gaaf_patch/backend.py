@@ -2,7 +2,7 @@
 
 ``torch.compile(model, backend="gaaf")`` (registered through the ``torch_dynamo_backends`` entry point) or
 ``gaaf_patch.compile(model, mode="sawtooth", strip_dropout=True)`` (options bound) compiles an *unpatched* model:
-every graph Dynamo captures is rewritten by the functional pass's :class:`~gaaf_patch.passes.functional._Rewriter`
+every graph Dynamo captures is rewritten by the functional pass's :class:`~gaaf_patch.passes.functional.Rewriter`
 (the very matcher ``gaaf_patch.patch`` uses) **before** AOTAutograd, so AOTAutograd traces the GAAF
 ``autograd.Function`` forward *and* backward, and Inductor fuses ``phi'(x) + s(x)`` into the surrounding kernels.
 Dynamo has already inlined every module, so activations arrive as functions and methods, in place or not::
@@ -55,7 +55,7 @@ from .modules import GAAF
 from .ops import DEFAULT_K
 from .passes import targets
 from .passes.context import Context
-from .passes.functional import _Rewriter
+from .passes.functional import Rewriter
 
 __all__ = ["GAAFPass", "GAAFBackend", "gaaf_backend", "compile", "uuid"]
 
@@ -115,7 +115,7 @@ def _inside_gaaf(node: fx.Node) -> bool:
     return any(_is_class(entry[1], GAAF) for entry in stack.values())
 
 
-class _DynamoRewriter(_Rewriter):
+class _DynamoRewriter(Rewriter):
     """The functional pass's rewriter, naming sites by the module Dynamo inlined them from and skipping GAAF's own ops."""
 
     def site_name(self, node: fx.Node) -> str:

@@ -151,8 +151,12 @@ def _rewire_after(graph: fx.Graph, site: fx.Node, old: fx.Node, new: fx.Node) ->
             n.replace_input_with(old, new)
 
 
-class _Rewriter:
-    """Rewrites the sites of one module's graph, sharing GAAF children between its train and eval graphs."""
+class Rewriter:
+    """Rewrites the sites of one module's graph, sharing GAAF children between its train and eval graphs.
+
+    Shared by the Dynamo backend (backend.py), which overrides ``site_name`` (Dynamo's module paths) and
+    ``_activation`` (to skip GAAF's own ops); keep both signatures stable.
+    """
 
     def __init__(self, ctx: Context, module: nn.Module, fqn: str) -> None:
         self.ctx, self.module, self.fqn = ctx, module, fqn
@@ -366,7 +370,7 @@ def _patch_module(ctx: Context, module: nn.Module, fqn: str) -> int:
         _report_untraceable(ctx, module, fqn, "forward takes *args/**kwargs or keyword-only arguments")
         return 0
     concrete, required = shape
-    rewriter = _Rewriter(ctx, module, fqn)
+    rewriter = Rewriter(ctx, module, fqn)
     graphs: dict[bool, fx.Graph] = {}
     was = module.training
     try:
