@@ -157,12 +157,7 @@ def _hop_names(node: fx.Node) -> set[str]:
 
 
 def _sites_in(gm: fx.GraphModule) -> list[fx.Node]:
-    return [
-        n
-        for n in gm.graph.nodes
-        if (n.op == "call_function" and callable(n.target) and n.target in targets.FUNCTIONS)
-        or (n.op == "call_method" and n.target in targets.METHODS)
-    ]
+    return [n for n in gm.graph.nodes if targets.is_activation_node(n)]
 
 
 class GAAFPass(PassBase):

@@ -70,12 +70,7 @@ def _capture(model: nn.Module, *args) -> list[fx.GraphModule]:
 
 
 def _activation_nodes(gm: fx.GraphModule) -> list[fx.Node]:
-    return [
-        n
-        for n in gm.graph.nodes
-        if (n.op == "call_function" and callable(n.target) and n.target in targets.FUNCTIONS)
-        or (n.op == "call_method" and n.target in targets.METHODS)
-    ]
+    return [n for n in gm.graph.nodes if targets.is_activation_node(n)]
 
 
 class Forms(nn.Module):

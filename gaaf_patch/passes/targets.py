@@ -198,6 +198,13 @@ SUSPECT_NAMES: frozenset[str] = frozenset(
 ) - {""}
 
 
+def is_activation_node(node: Any) -> bool:
+    """Whether an fx node calls an activation in function or method form (the rows above)."""
+    if node.op == "call_function":
+        return callable(node.target) and node.target in FUNCTIONS
+    return node.op == "call_method" and node.target in METHODS
+
+
 def read_params(form: FnForm, args: tuple, kwargs: dict) -> tuple[dict[str, Any], bool]:
     """(activation params, inplace) from a call's arguments after the input."""
     given = dict(zip(form.positional, args, strict=False))
