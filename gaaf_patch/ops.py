@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from . import activations as _acts
+from . import fused as _fused
 from .activations import Activation
 from .shapes import ShapeFn, resolve
 from .shapes import library as _lib
@@ -94,6 +95,16 @@ def _native(act: Activation) -> Callable[[Tensor, Tensor, Mapping[str, Any]], Te
     return _NATIVE.get(act.name) if _acts.ACTIVATIONS.get(act.name) is act else None
 
 
+# Activations whose phi' the output determines exactly (sign or range of y = sign or range of x), with PyTorch's
+# convention at the kinks: their native backward, given the output, equals the one given the input.
+_OUTPUT_DETERMINES_DPHI = frozenset({"relu", "relu6", "leaky_relu"})
+
+
+def output_determines_dphi(act: Activation, params: Mapping[str, Any]) -> bool:
+    """Whether ``dy phi'(x)`` can be computed from the output alone (a positive leaky slope keeps the sign)."""
+    return act.name in _OUTPUT_DETERMINES_DPHI and params.get("negative_slope", 1.0) > 0
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # s(x) = h * s~(x): the built-in families evaluated in place on one buffer.
 
@@ -148,11 +159,25 @@ def _multiplier(saved: Tensor, from_output: bool, act: Activation, shape: ShapeF
     return act.dphi(x, y, **params) + shape(x)
 
 
-def _backward(saved: Tensor, gy: Tensor, from_output: bool, act: Activation, shape: ShapeFn, params) -> Tensor:
-    """dx = dy (phi'(x) + s(x)) in the opmath dtype, returned in ``gy``'s dtype."""
+def _backward(
+    saved: Tensor, gy: Tensor, from_output: bool, act: Activation, shape: ShapeFn, params, x: Tensor | None = None
+) -> Tensor:
+    """dx = dy (phi'(x) + s(x)) in the opmath dtype, returned in ``gy``'s dtype.
+
+    ``x``: the input, recomputed from a fused BatchNorm (``saved`` is then the output of a ReLU-family activation,
+    whose ``phi'`` the output determines exactly).
+    """
     t = _opmath(saved)
     g = gy if gy.dtype == t.dtype else gy.to(t.dtype)
     native = _native(act)
+    if x is not None:
+        if native is None or torch.is_grad_enabled():
+            return (_multiplier(x, False, act, shape, params) * g).to(gy.dtype)
+        out = native(g, t, params)
+        s, h = _shape_term(shape, x, owned=True)
+        if s is not None:
+            out.addcmul_(g, s, value=h)
+        return out if out.dtype == gy.dtype else out.to(gy.dtype)
     if native is None or torch.is_grad_enabled():
         # unknown activation, or double backward: out of place, differentiable
         return (_multiplier(saved, from_output, act, shape, params) * g).to(gy.dtype)
@@ -196,13 +221,17 @@ class GAAFFunction(torch.autograd.Function):
         # The output suffices only in exact mode: in sawtooth mode it carries g(x) s(x), and inverting it would
         # evaluate phi' + s at a shifted x (by up to 1/(2K phi'(x)), large in the saturation).
         ctx.from_output = act.inverse is not None and mode == "exact"
-        ctx.save_for_backward(y if ctx.from_output else x)
+        # After a fused BatchNorm (gaaf_patch.fused), a ReLU-family site keeps its output (which the next layer
+        # keeps anyway) and recomputes x from the BatchNorm's saved input in backward.
+        ctx.bn = _fused.source_of(x) if mode == "exact" and output_determines_dphi(act, params) else None
+        ctx.save_for_backward(y if ctx.from_output or ctx.bn is not None else x)
         return y
 
     @staticmethod
     def backward(ctx, gy):  # noqa: D102
         (saved,) = ctx.saved_tensors
-        dx = _backward(saved, gy, ctx.from_output, ctx.act, ctx.shape, ctx.params)
+        x = None if ctx.bn is None else _fused.recompute_input(ctx.bn)
+        dx = _backward(saved, gy, ctx.from_output, ctx.act, ctx.shape, ctx.params, x)
         return dx, None, None, None, None, None, None
 
 

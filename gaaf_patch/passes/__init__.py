@@ -5,6 +5,8 @@
 2. ``functional``: each user module's own code is traced; function and method activations (and functional dropout)
    are rewritten. Also learns which sigmoid-like modules act as gates.
 3. ``modules``: activation modules become GAAF, gates left alone in ``activations="auto"``.
+4. ``fuse``: a plain BatchNorm feeding an exact-mode GAAF ReLU becomes its recomputing twin (same state), so the
+   ReLU saves no extra tensor for backward.
 """
 
 from __future__ import annotations
@@ -13,13 +15,14 @@ from collections.abc import Callable
 
 from torch import nn
 
-from . import functional, swap
+from . import functional, fuse, swap
 from .context import RECORD_ATTR, Context, PatchRecord
 
 PASSES: list[tuple[str, Callable[[Context], int]]] = [
     ("dropout", swap.run_dropout),
     ("functional", functional.run),
     ("modules", swap.run_activations),
+    ("fuse", fuse.run),
 ]
 
 __all__ = ["PASSES", "run", "Context", "PatchRecord", "RECORD_ATTR", "undo"]

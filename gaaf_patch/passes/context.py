@@ -46,6 +46,7 @@ class Context:
     skipped: list[dict[str, Any]] = field(default_factory=list)
     attributes: list[tuple[nn.Module, str, Any, dict[str, Any]]] = field(default_factory=list)
     changed: dict[str, int] = field(default_factory=dict)  # pass name -> sites changed
+    bn_feeds: list[tuple[str, str]] = field(default_factory=list)  # (BatchNorm, module it alone feeds), from traces
 
     def allowed(self, module: nn.Module, name: str) -> bool:
         return self.filter_fn is None or bool(self.filter_fn(module, name))

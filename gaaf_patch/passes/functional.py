@@ -30,6 +30,7 @@ import torch
 from torch import fx, nn
 
 from .. import activations as _acts
+from ..fused import fusable_class
 from ..modules import GAAF, Site
 from . import targets
 from .context import Context
@@ -385,6 +386,7 @@ def _patch_module(ctx: Context, module: nn.Module, fqn: str) -> int:
     ctx.traced.add(fqn)
     changed = {mode: rewriter.rewrite(g) for mode, g in graphs.items()}
     ctx.unreached.extend(rewriter.unreached.values())
+    _note_bn_feeds(ctx, module, fqn, graphs[True])
     if not any(changed.values()):
         module.__dict__.pop("_gaaf_constants", None)
         return 0
@@ -395,6 +397,18 @@ def _patch_module(ctx: Context, module: nn.Module, fqn: str) -> int:
         codes = {True: codes[True], False: codes[True]}
     module.forward = PatchedForward(module, fqn, codes, required, rewriter.added, rewriter.stripped.values())
     return max(changed.values())
+
+
+def _note_bn_feeds(ctx: Context, module: nn.Module, fqn: str, graph: fx.Graph) -> None:
+    """(BatchNorm, module) pairs where the training graph feeds a plain BatchNorm's output to one module call only:
+    candidates for the ``fuse`` pass."""
+    prefix = f"{fqn}." if fqn else ""
+    for node in graph.nodes:
+        if node.op != "call_module" or len(node.users) != 1:
+            continue
+        (user,) = node.users
+        if user.op == "call_module" and fusable_class(module.get_submodule(node.target)) is not None:
+            ctx.bn_feeds.append((prefix + node.target, prefix + user.target))
 
 
 def _report_untraceable(ctx: Context, module: nn.Module, fqn: str, reason: str) -> None:

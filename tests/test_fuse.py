@@ -1,0 +1,192 @@
+"""The ``fuse`` pass: a BatchNorm feeding a GAAF ReLU-family site is recomputed in backward instead of kept.
+
+Fusing changes which tensor autograd keeps, never a value: the forward, the running statistics and the BatchNorm
+parameters' gradients must match the unfused patch (bit for bit where the same kernels run, to float32 rounding
+where ``s`` reads the recomputed input), and the saved bytes must drop to the unpatched model's.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gaaf_patch
+from gaaf_patch import fused
+from tests.toys import SmallCNN
+
+F64 = torch.float64
+
+
+class Block(nn.Module):
+    """Every way a BatchNorm meets a ReLU in user code: module, function (in place), method, after an add."""
+
+    def __init__(self, c: int = 6, bn=nn.BatchNorm2d) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1), bn(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1), bn(c)
+        self.conv3, self.bn3 = nn.Conv2d(c, c, 3, padding=1), bn(c)
+        self.conv4, self.bn4 = nn.Conv2d(c, c, 1), bn(c)
+        self.act = nn.ReLU(inplace=True)
+        self.head = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        y = self.act(self.bn1(self.conv1(x)))  # module
+        y = F.relu(self.bn2(self.conv2(y)), inplace=True)  # function, in place
+        y = self.bn3(self.conv3(y)).relu()  # method
+        y = self.act(self.bn4(self.conv4(y)) + x)  # after an add: not fused (x is not recomputable)
+        return self.head(y)
+
+
+def _unfused(model: nn.Module) -> nn.Module:
+    """A patched copy with every fused BatchNorm put back to its plain class: the unfused reference."""
+    ref = copy.deepcopy(model)
+    for m in ref.modules():
+        if isinstance(m, fused.BatchNormRecompute):
+            m.__class__ = next(k for k, v in fused.FUSABLE.items() if v is type(m))
+    return ref
+
+
+def _saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    params = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x).sum()
+    return sum(seen.values())
+
+
+def _fused_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, fused.BatchNormRecompute)]
+
+
+def test_pairs_found_in_traced_code_and_sequentials():
+    torch.manual_seed(0)
+    model = gaaf_patch.patch(nn.Sequential(Block(), SmallCNN()))
+    assert _fused_names(model) == ["0.bn1", "0.bn2", "0.bn3", "1.features.1", "1.features.4"]
+    assert type(model[0].bn4) is nn.BatchNorm2d  # feeds an add, not the ReLU
+
+
+def test_same_forward_stats_and_close_gradients_as_unfused():
+    torch.manual_seed(0)
+    model = gaaf_patch.patch(Block())
+    ref = _unfused(model)
+    assert len(_fused_names(model)) == 3 and not _fused_names(ref)
+    x = torch.randn(4, 6, 7, 7, requires_grad=True)
+    xr = x.detach().clone().requires_grad_()
+    for _ in range(2):  # running stats and num_batches_tracked advance identically
+        out, out_ref = model(x), ref(xr)
+        assert torch.equal(out, out_ref)
+        gy = torch.randn_like(out)
+        out.backward(gy)
+        out_ref.backward(gy)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-5, atol=1e-6)
+    for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+    for (name, b), (_, c) in zip(model.named_buffers(), ref.named_buffers(), strict=True):
+        assert torch.equal(b, c), name
+
+
+def test_float64_gradient_matches_formula():
+    """In float64 the recomputed input equals the forward's to ~1e-15, so the fused gradient is the formula's."""
+    torch.manual_seed(0)
+    bn = nn.BatchNorm1d(5).double()
+    model = gaaf_patch.patch(nn.Sequential(bn, nn.ReLU()))
+    assert _fused_names(model) == ["0"]
+    x = (torch.randn(32, 5, dtype=F64) * 2).requires_grad_()
+    model(x).sum().backward()
+    xr = x.detach().clone().requires_grad_()
+    zr = F.batch_norm(xr, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+    zr.backward((zr.detach() > 0).to(F64) + gaaf_patch.shapes.get("relu")(zr.detach()))
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_saved_bytes_drop_to_unpatched():
+    torch.manual_seed(0)
+    base = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1),
+    )  # fmt: skip
+    patched = gaaf_patch.patch(copy.deepcopy(base))
+    x = torch.randn(2, 3, 8, 8)
+    act_bytes = 2 * 8 * 8 * 8 * 4
+    assert _saved_bytes(_unfused(patched), x) == _saved_bytes(base, x) + 2 * act_bytes
+    assert _saved_bytes(patched, x) == _saved_bytes(base, x)
+
+
+@pytest.mark.parametrize("act", [nn.ReLU6(), nn.LeakyReLU(0.1)])
+def test_relu_family(act):
+    torch.manual_seed(0)
+    model = gaaf_patch.patch(nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), act, nn.Linear(8, 2)))
+    assert _fused_names(model) == ["1"]
+    ref = _unfused(model)
+    x = torch.randn(16, 4) * 4
+    model(x).sum().backward()
+    ref(x).sum().backward()
+    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(module=nn.Tanh()),  # output-saving activations gain nothing
+        dict(module=nn.LeakyReLU(-0.5)),  # a negative slope flips the sign: phi' not readable from the output
+        dict(module=nn.ReLU(), mode="sawtooth"),  # sawtooth moves the output: keep x
+        dict(module=nn.ReLU(), bn=nn.SyncBatchNorm),  # not the plain class
+    ],
+    ids=["tanh", "negative-slope", "sawtooth", "syncbn"],
+)
+def test_not_fused(case):
+    bn = case.get("bn", nn.BatchNorm1d)(8)
+    model = gaaf_patch.patch(nn.Sequential(bn, case["module"]), mode=case.get("mode", "exact"))
+    assert not _fused_names(model)
+
+
+def test_unpatch_pickle_eval_and_double_patch():
+    torch.manual_seed(0)
+    base = SmallCNN()
+    model = gaaf_patch.patch(copy.deepcopy(base))
+    gaaf_patch.patch(model)
+    assert len(_fused_names(model)) == 2
+    assert model.state_dict().keys() == base.state_dict().keys()
+    clone = pickle.loads(pickle.dumps(model))
+    assert len(_fused_names(clone)) == 2
+    x = torch.randn(2, 3, 8, 8)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), clone.eval()(x))
+    gaaf_patch.unpatch(model)
+    assert not _fused_names(model) and all(type(m) is not fused.BatchNorm2d for m in model.modules())
+    assert [type(m) for m in model.modules()] == [type(m) for m in base.modules()]
+
+
+def test_double_backward_through_fused_batchnorm_fails_loudly():
+    model = gaaf_patch.patch(nn.Sequential(nn.BatchNorm1d(4), nn.ReLU()))
+    x = torch.randn(8, 4, requires_grad=True)
+    (g,) = torch.autograd.grad(model(x).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad|marked with @once"):
+        g.sum().backward()
+
+
+def test_compiled_patched_model_takes_the_stock_path():
+    torch.manual_seed(0)
+    model = gaaf_patch.patch(SmallCNN())
+    ref = _unfused(model)
+    x = torch.randn(2, 3, 8, 8)
+    compiled = torch.compile(model, backend="aot_eager")
+    out = compiled(x)
+    out.sum().backward()
+    ref(x).sum().backward()
+    for (n, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=n)
