@@ -64,17 +64,57 @@ def _memory_format(t: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def source_of(x: Tensor):
-    """The :class:`BatchNormFunction` node that produced ``x``, or None (always None while Dynamo traces)."""
+def source_of(x: Tensor) -> tuple | None:
+    """How to recompute ``x`` in backward from what other nodes keep anyway, or None (always None under Dynamo).
+
+    ``(bn,)``: ``x`` is a :class:`BatchNormFunction` output. ``(a, b)``: ``x = a + b`` (a residual add, ``alpha``
+    1, no broadcasting) where each operand is such an output, or the output of a GAAF site that kept its output.
+    """
     if _compiling():
         return None
     fn = x.grad_fn
-    return fn if isinstance(fn, BatchNormFunction._backward_cls) else None
+    if isinstance(fn, _BN_NODE):
+        return (fn,)
+    if type(fn).__name__ == "AddBackward0" and fn._saved_alpha == 1:
+        nodes = tuple(n for n, _ in fn.next_functions)
+        if len(nodes) == 2 and all(_operand_shape(n) == x.shape for n in nodes):
+            return nodes
+    return None
 
 
-def recompute_input(node) -> Tensor:
-    """``x = u * (invstd w) + (b - mean invstd w)``, the BatchNorm's output, from what its node saved (float32 for
-    half inputs). Every implementation (native, cuDNN, MIOpen) saves the inverse standard deviation."""
+_BN_NODE = BatchNormFunction._backward_cls
+
+
+def _gaaf_node(node) -> bool:
+    from .ops import GAAFFunction  # ops imports this module
+
+    return isinstance(node, GAAFFunction._backward_cls) and (node.from_output or node.src is not None)
+
+
+def _operand_shape(node) -> torch.Size | None:
+    if isinstance(node, _BN_NODE) or _gaaf_node(node):
+        return node.saved_tensors[0].shape
+    return None
+
+
+def recompute_input(plan: tuple) -> Tensor:
+    """The tensor :func:`source_of` described, recomputed (float32 for half inputs; owned by the caller)."""
+    x = _value(plan[0])
+    for node in plan[1:]:
+        x.add_(_value(node))
+    return x
+
+
+def _value(node) -> Tensor:
+    if isinstance(node, _BN_NODE):
+        return _batchnorm_output(node)
+    (y,) = node.saved_tensors  # a GAAF site's output
+    return y.to(torch.float32 if y.dtype in (torch.float16, torch.bfloat16) else y.dtype, copy=True)
+
+
+def _batchnorm_output(node) -> Tensor:
+    """``u * (invstd w) + (b - mean invstd w)`` from what the node saved. Every implementation (native, cuDNN,
+    MIOpen) saves the inverse standard deviation."""
     u, weight, bias, _rm, _rv, mean, invstd, _reserve = node.saved_tensors
     dtype = torch.float32 if u.dtype in (torch.float16, torch.bfloat16) else u.dtype
     scale = invstd.to(dtype) if weight is None else invstd.to(dtype) * weight.to(dtype)

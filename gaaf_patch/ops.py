@@ -221,16 +221,16 @@ class GAAFFunction(torch.autograd.Function):
         # The output suffices only in exact mode: in sawtooth mode it carries g(x) s(x), and inverting it would
         # evaluate phi' + s at a shifted x (by up to 1/(2K phi'(x)), large in the saturation).
         ctx.from_output = act.inverse is not None and mode == "exact"
-        # After a fused BatchNorm (gaaf_patch.fused), a ReLU-family site keeps its output (which the next layer
-        # keeps anyway) and recomputes x from the BatchNorm's saved input in backward.
-        ctx.bn = _fused.source_of(x) if mode == "exact" and output_determines_dphi(act, params) else None
-        ctx.save_for_backward(y if ctx.from_output or ctx.bn is not None else x)
+        # After a fused BatchNorm (or a residual add of such outputs; gaaf_patch.fused), a ReLU-family site keeps
+        # its output (which the next layer keeps anyway) and recomputes x in backward from what others keep.
+        ctx.src = _fused.source_of(x) if mode == "exact" and output_determines_dphi(act, params) else None
+        ctx.save_for_backward(y if ctx.from_output or ctx.src is not None else x)
         return y
 
     @staticmethod
     def backward(ctx, gy):  # noqa: D102
         (saved,) = ctx.saved_tensors
-        x = None if ctx.bn is None else _fused.recompute_input(ctx.bn)
+        x = None if ctx.src is None else _fused.recompute_input(ctx.src)
         dx = _backward(saved, gy, ctx.from_output, ctx.act, ctx.shape, ctx.params, x)
         return dx, None, None, None, None, None, None
 

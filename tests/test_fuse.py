@@ -38,7 +38,7 @@ class Block(nn.Module):
         y = self.act(self.bn1(self.conv1(x)))  # module
         y = F.relu(self.bn2(self.conv2(y)), inplace=True)  # function, in place
         y = self.bn3(self.conv3(y)).relu()  # method
-        y = self.act(self.bn4(self.conv4(y)) + x)  # after an add: not fused (x is not recomputable)
+        y = self.act(self.bn4(self.conv4(y)) + x)  # after an add with the input: x is not recomputable, y is kept
         return self.head(y)
 
 
@@ -73,15 +73,15 @@ def _fused_names(model: nn.Module) -> list[str]:
 def test_pairs_found_in_traced_code_and_sequentials():
     torch.manual_seed(0)
     model = gaaf_patch.patch(nn.Sequential(Block(), SmallCNN()))
-    assert _fused_names(model) == ["0.bn1", "0.bn2", "0.bn3", "1.features.1", "1.features.4"]
-    assert type(model[0].bn4) is nn.BatchNorm2d  # feeds an add, not the ReLU
+    # bn4 feeds the ReLU through a residual add: converted too (whether that site recomputes is decided at run time)
+    assert _fused_names(model) == ["0.bn1", "0.bn2", "0.bn3", "0.bn4", "1.features.1", "1.features.4"]
 
 
 def test_same_forward_stats_and_close_gradients_as_unfused():
     torch.manual_seed(0)
     model = gaaf_patch.patch(Block())
     ref = _unfused(model)
-    assert len(_fused_names(model)) == 3 and not _fused_names(ref)
+    assert len(_fused_names(model)) == 4 and not _fused_names(ref)
     x = torch.randn(4, 6, 7, 7, requires_grad=True)
     xr = x.detach().clone().requires_grad_()
     for _ in range(2):  # running stats and num_batches_tracked advance identically
@@ -122,6 +122,55 @@ def test_saved_bytes_drop_to_unpatched():
     act_bytes = 2 * 8 * 8 * 8 * 4
     assert _saved_bytes(_unfused(patched), x) == _saved_bytes(base, x) + 2 * act_bytes
     assert _saved_bytes(patched, x) == _saved_bytes(base, x)
+
+
+def test_resnet_residual_sites_recompute_and_match_unfused():
+    """torchvision ResNet-50: every BatchNorm is converted (33 feed a ReLU, 16 feed one through the residual add,
+    4 are downsample branches), saved bytes equal the unpatched model's, and gradients match the unfused patch."""
+    import torchvision
+
+    torch.manual_seed(0)
+    base = torchvision.models.resnet50(num_classes=4)
+    model = gaaf_patch.patch(copy.deepcopy(base))
+    assert len(_fused_names(model)) == 53 == sum(isinstance(m, nn.BatchNorm2d) for m in base.modules())
+    x = torch.randn(2, 3, 32, 32)
+    assert _saved_bytes(model, x) == _saved_bytes(base, x)
+    ref = _unfused(model)
+    assert _saved_bytes(ref, x) > _saved_bytes(base, x)
+    out, out_ref = model(x), ref(x)
+    assert torch.equal(out, out_ref)
+    out.square().sum().backward()
+    out_ref.square().sum().backward()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_add_of_kept_outputs_recomputes_in_float64():
+    """``relu(bn(a) + tanh(b))``: both operands are recomputable (a fused BatchNorm; a site that kept its output)."""
+
+    class Res(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn, self.t, self.r = nn.BatchNorm1d(5), nn.Tanh(), nn.ReLU()
+
+        def forward(self, a, b):
+            return self.r(self.bn(a) + self.t(b))
+
+    torch.manual_seed(0)
+    model = gaaf_patch.patch(Res().double())
+    assert _fused_names(model) == ["bn"]
+    a, b = (torch.randn(16, 5, dtype=F64) * 2).requires_grad_(), torch.randn(16, 5, dtype=F64).requires_grad_()
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+        out = model(a, b)
+    assert any(t.data_ptr() == out.data_ptr() for t in packed)  # the ReLU site kept its output, not its input
+    out.sum().backward()
+    ra, rb = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    bn = model.bn
+    z = F.batch_norm(ra, None, None, bn.weight, bn.bias, True, 0.0, bn.eps) + gaaf_patch.gaaf(rb, "tanh")
+    z.backward((z.detach() > 0).to(F64) + gaaf_patch.shapes.get("relu")(z.detach()))
+    torch.testing.assert_close(a.grad, ra.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(b.grad, rb.grad, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("act", [nn.ReLU6(), nn.LeakyReLU(0.1)])

@@ -399,16 +399,31 @@ def _patch_module(ctx: Context, module: nn.Module, fqn: str) -> int:
     return max(changed.values())
 
 
+_ADD_FNS = {operator.add, operator.iadd, torch.add}
+_ADD_METHODS = {"add", "add_"}
+
+
 def _note_bn_feeds(ctx: Context, module: nn.Module, fqn: str, graph: fx.Graph) -> None:
-    """(BatchNorm, module) pairs where the training graph feeds a plain BatchNorm's output to one module call only:
-    candidates for the ``fuse`` pass."""
+    """(BatchNorm, module) pairs for the ``fuse`` pass: in the training graph, a plain BatchNorm (or a Sequential
+    ending in one, like torchvision's ``downsample``) whose output goes to one module call only, directly or through
+    one residual add whose result goes to one module call only."""
     prefix = f"{fqn}." if fqn else ""
     for node in graph.nodes:
         if node.op != "call_module" or len(node.users) != 1:
             continue
+        bn_name, child = node.target, module.get_submodule(node.target)
+        while isinstance(child, nn.Sequential) and len(child):
+            bn_name, child = f"{bn_name}.{len(child) - 1}", child[-1]
+        if fusable_class(child) is None:
+            continue
         (user,) = node.users
-        if user.op == "call_module" and fusable_class(module.get_submodule(node.target)) is not None:
-            ctx.bn_feeds.append((prefix + node.target, prefix + user.target))
+        is_add = (user.op == "call_function" and user.target in _ADD_FNS) or (
+            user.op == "call_method" and user.target in _ADD_METHODS
+        )
+        if is_add and len(user.users) == 1 and len(user.args) == 2 and not user.kwargs:
+            (user,) = user.users
+        if user.op == "call_module":
+            ctx.bn_feeds.append((prefix + bn_name, prefix + user.target))
 
 
 def _report_untraceable(ctx: Context, module: nn.Module, fqn: str, reason: str) -> None:
