@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .dist import Dist, all_sum
 
-__all__ = ["Totals", "Precision", "train_epoch", "evaluate", "progress_bar"]
+__all__ = ["Totals", "Precision", "train_epoch", "evaluate", "progress_bar", "logits_of"]
 
 
 @dataclass
@@ -43,6 +43,8 @@ class Totals:
         return self.count / self.seconds if self.seconds > 0 else 0.0
 
     def reduced(self, d: Dist) -> Totals:
+        """Summed over every process; ``seconds`` stays this process's (all step together under DDP), so
+        ``images_per_second`` is the whole job's rate."""
         loss_sum, correct, count = all_sum(d, self.loss_sum, self.correct, self.count)
         return Totals(loss_sum, correct, count, self.seconds)
 
@@ -65,7 +67,7 @@ class Precision:
         return None
 
 
-def _logits(out: Any) -> Tensor:
+def logits_of(out: Any) -> Tensor:
     """A classifier's scores: the tensor itself, or the first of a tuple (torchvision's aux-logit models)."""
     if isinstance(out, Tensor):
         return out
@@ -132,7 +134,7 @@ def train_epoch(
         images = prepare(images.to(d.device, non_blocking=True))
         labels = labels.to(d.device, non_blocking=True)
         with precision.autocast():
-            logits = _logits(model(images))
+            logits = logits_of(model(images))
         loss = F.cross_entropy(logits.float(), labels)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
@@ -179,7 +181,7 @@ def evaluate(
         images = prepare(images.to(d.device, non_blocking=True))
         labels = labels.to(d.device, non_blocking=True)
         with precision.autocast():
-            logits = _logits(model(images)).float()
+            logits = logits_of(model(images)).float()
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
         correct += int((logits.argmax(1) == labels).sum())
         count += labels.numel()

@@ -37,9 +37,9 @@ from ..models import CheckpointError, build_model, load_state_dict_strict, read_
 from ..report import report
 from . import dist
 from .checkpoint import atomic_save, capture_rng, restore_rng
-from .head import checkpoint_classes, num_outputs, replace_classifier
+from .head import HeadError, checkpoint_classes, num_outputs, replace_classifier
 from .inputs import InputAdapter, model_input_size, normalization
-from .loop import Precision, Totals, evaluate, progress_bar, train_epoch
+from .loop import Precision, Totals, evaluate, logits_of, progress_bar, train_epoch
 
 __all__ = ["FinetuneOptions", "FinetuneResult", "FinetuneError", "finetune", "EMBEDDED_DATA"]
 
@@ -118,15 +118,18 @@ class FinetuneResult:
 # ------------------------------------------------------------------------------------------------------------- model
 
 
-def _load_model(opts: FinetuneOptions) -> tuple[nn.Module, Any]:
-    """The model with the checkpoint's weights (or the resumed run's) and the classifier asked for."""
+def _load_model(opts: FinetuneOptions) -> tuple[nn.Module, Any, bool]:
+    """The model with the checkpoint's weights (or the resumed run's) and the classifier asked for; and whether its
+    classifier was replaced (the deployment model is then built with that many classes)."""
     model = build_model(opts.model, None, opts.input_size)
     source = opts.resume or opts.checkpoint
     ckpt = read_checkpoint(source) if source else None
+    replaced = False
     if ckpt is not None:
         n = checkpoint_classes(model, ckpt.state_dict)
         if n is not None and n != num_outputs(model):
             replace_classifier(model, n)
+            replaced = True
         try:
             load_state_dict_strict(model, ckpt.state_dict)
         except CheckpointError as e:
@@ -137,7 +140,28 @@ def _load_model(opts: FinetuneOptions) -> tuple[nn.Module, Any]:
                 f"--num-classes {opts.num_classes} differs from the resumed run's {num_outputs(model)} classes"
             )
         replace_classifier(model, opts.num_classes)
-    return model, ckpt
+        replaced = True
+    return model, ckpt, replaced
+
+
+def _classes(model: nn.Module, input_size: tuple[int, ...]) -> int:
+    """How many classes the model scores: its classifier's outputs, else the width of one eval-mode forward (a
+    user's model with no recognisable classifier, trained with the classes it has)."""
+    try:
+        return num_outputs(model)
+    except HeadError:
+        was = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                return int(logits_of(model(torch.zeros(2, *input_size))).shape[-1])
+        except Exception as e:  # noqa: BLE001 - the model's own error, reported as a usage problem
+            raise FinetuneError(
+                f"cannot tell how many classes {type(model).__name__} scores on input {list(input_size)}: "
+                f"{type(e).__name__}: {' '.join(str(e).split())[:200]}; set --input-size"
+            ) from None
+        finally:
+            model.train(was)
 
 
 # -------------------------------------------------------------------------------------------------------------- data
@@ -246,9 +270,10 @@ def _check_options(opts: FinetuneOptions) -> None:
 
 
 def _deploy_check(
-    opts: FinetuneOptions, model: nn.Module, num_classes: int, batch: torch.Tensor, precision: Precision
+    opts: FinetuneOptions, model: nn.Module, num_classes: int | None, batch: torch.Tensor, precision: Precision
 ) -> dict[str, Any]:
-    """Load the weights into a freshly built unpatched model with ``strict=True`` and compare eval outputs."""
+    """Load the weights into a freshly built unpatched model (``num_classes`` None: as built by default) with
+    ``strict=True`` and compare eval outputs on ``batch``."""
     try:
         plain = build_model(opts.model, num_classes, opts.input_size)
         load_state_dict_strict(plain, model.state_dict())
@@ -257,7 +282,7 @@ def _deploy_check(
     plain.to(batch.device).eval()
     model.eval()
     with torch.no_grad(), precision.autocast():
-        a, b = plain(batch).float(), model(batch).float()
+        a, b = logits_of(plain(batch)).float(), logits_of(model(batch)).float()
     exact = opts.patch is None or opts.patch.get("mode", "exact") == "exact"
     same = torch.equal(a, b)
     diff = (a - b).abs().max().item() if a.numel() else 0.0
@@ -295,10 +320,10 @@ def _say(d: dist.Dist, console: Any, text: str) -> None:
 
 
 def _run(opts: FinetuneOptions, d: dist.Dist, console: Any) -> FinetuneResult:
-    model, ckpt = _load_model(opts)
+    model, ckpt, replaced = _load_model(opts)
     input_size = model_input_size(model, opts.input_size)
     ds = _datasets(opts, model, input_size)
-    classes = num_outputs(model)
+    classes = _classes(model, input_size)
     if classes < ds.num_classes:
         raise FinetuneError(
             f"the model's classifier has {classes} outputs but {ds.name} has {ds.num_classes} classes; "
@@ -368,7 +393,7 @@ def _run(opts: FinetuneOptions, d: dist.Dist, console: Any) -> FinetuneResult:
         row = _row(epoch + 1, tr, ev, optimizer)
         history.append(row)
         _say(d, console, f"epoch {epoch + 1}/{opts.epochs}: train loss {tr.loss:.4f} acc {tr.acc:.2%} "
-             f"({tr.images_per_second * d.world_size:,.0f} img/s) | val loss {ev.loss:.4f} acc {ev.acc:.2%} "
+             f"({tr.images_per_second:,.0f} img/s) | val loss {ev.loss:.4f} acc {ev.acc:.2%} "
              f"({int(ev.correct)}/{int(ev.count)})")  # fmt: skip
         digests = dist.replica_digests(d, model)
         if len(set(digests)) > 1:
@@ -376,7 +401,7 @@ def _run(opts: FinetuneOptions, d: dist.Dist, console: Any) -> FinetuneResult:
         last = epoch + 1 == opts.epochs
         if last and d.is_main:
             batch = ds.prepare(next(iter(val_loader))[0].to(d.device))
-            deploy = _deploy_check(opts, model, num_outputs(model), batch, precision)
+            deploy = _deploy_check(opts, model, classes if replaced else None, batch, precision)
         if d.is_main:
             state = {
                 "state_dict": model.state_dict(),
@@ -387,7 +412,7 @@ def _run(opts: FinetuneOptions, d: dist.Dist, console: Any) -> FinetuneResult:
                 "rng": capture_rng(),
                 "gaaf_config": gaaf_config,
                 "model": opts.model,
-                "num_classes": num_outputs(model),
+                "num_classes": classes,
                 "input_size": list(input_size),
                 "args": opts.to_dict(),
                 "history": history,
@@ -400,7 +425,7 @@ def _run(opts: FinetuneOptions, d: dist.Dist, console: Any) -> FinetuneResult:
         _say(d, console, f"nothing to do: the resumed run already completed {start_epoch} epoch(s) of {opts.epochs}")
         out = None
     return FinetuneResult(
-        history, out if d.is_main else None, start_epoch, num_outputs(model), input_size, gaaf_config, summary,
+        history, out if d.is_main else None, start_epoch, classes, input_size, gaaf_config, summary,
         deploy, d.world_size, digests,
     )  # fmt: skip
 
