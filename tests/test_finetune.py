@@ -194,6 +194,25 @@ def test_resume_when_done_does_nothing(toy, tmp_path, capsys):
     assert "nothing to do" in capsys.readouterr().out and out.read_bytes() == before
 
 
+def test_amp_bf16_on_cpu(toy, tmp_path, capsys):
+    out = tmp_path / "amp.pt"
+    assert main(["finetune", toy, "--input-size", "64", "--amp", "--epochs", "1", "--out", str(out)]) == 0
+    ckpt = _load(out)
+    assert ckpt["args"]["amp"] == "auto" and ckpt["deploy_check"]["bit_identical"]
+    assert all(t.dtype == torch.float32 for t in ckpt["state_dict"].values())  # autocast: float32 master weights
+    assert 0.2 < ckpt["history"][0]["val_acc"] <= 1  # learnt something (chance: 0.1)
+
+
+@pytest.mark.slow
+def test_compile_flag_trains_like_eager(toy, tmp_path, capsys):
+    common = ["finetune", toy, "--input-size", "64", "--epochs", "1", "--strip-dropout"]
+    assert main([*common, "--compile", "--out", str(tmp_path / "c.pt")]) == 0
+    assert main([*common, "--out", str(tmp_path / "e.pt")]) == 0
+    c, e = _load(tmp_path / "c.pt"), _load(tmp_path / "e.pt")
+    for k in e["state_dict"]:
+        torch.testing.assert_close(c["state_dict"][k], e["state_dict"][k], rtol=1e-3, atol=1e-4)
+
+
 def test_image_folder(tmp_path, capsys):
     from PIL import Image
 
