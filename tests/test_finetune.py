@@ -40,9 +40,9 @@ from torch import nn
 class Net(nn.Module):
     """A flat MLP with tanh and dropout (dropout makes a resumed run depend on the restored random state)."""
 
-    def __init__(self, num_classes=10):
+    def __init__(self, num_classes=10, inputs=64):
         super().__init__()
-        self.body = nn.Sequential(nn.Linear(64, 48), nn.Tanh(), nn.Dropout(0.2), nn.Linear(48, 32), nn.Tanh())
+        self.body = nn.Sequential(nn.Linear(inputs, 48), nn.Tanh(), nn.Dropout(0.2), nn.Linear(48, 32), nn.Tanh())
         self.head = nn.Linear(32, num_classes)
 
     def forward(self, x):
@@ -51,6 +51,10 @@ class Net(nn.Module):
 
 def net(num_classes=10):
     return Net(num_classes)
+
+
+def mnist_net(num_classes=10):
+    return Net(num_classes, inputs=784)
 '''
 
 
@@ -211,6 +215,16 @@ def test_compile_flag_trains_like_eager(toy, tmp_path, capsys):
     c, e = _load(tmp_path / "c.pt"), _load(tmp_path / "e.pt")
     for k in e["state_dict"]:
         torch.testing.assert_close(c["state_dict"][k], e["state_dict"][k], rtol=1e-3, atol=1e-4)
+
+
+def test_mnist(mnist_dir, toy, tmp_path, capsys):
+    out = tmp_path / "m.pt"
+    args = ["finetune", toy.replace(":net", ":mnist_net"), "--input-size", "784", "--data", "mnist"]
+    code = main([*args, "--data-dir", str(mnist_dir), "--epochs", "1", "--batch-size", "128", "--lr", "0.05",
+                 "--out", str(out)])  # fmt: skip
+    assert code == 0, capsys.readouterr().out
+    last = _load(out)["history"][-1]
+    assert last["val_count"] == 10_000 and last["val_acc"] > 0.9
 
 
 def test_image_folder(tmp_path, capsys):
