@@ -136,6 +136,22 @@ def test_finetune_deploys_into_the_unpatched_model(pretrained, tmp_path, capsys)
     capsys.readouterr()
 
 
+def test_reads_timm_ddp_and_gaaf_patch_out_checkpoints(pretrained, tmp_path, capsys):
+    """The checkpoint formats --checkpoint takes, down to the weights they load (no training: that is above)."""
+    from gaaf_patch.finetune.run import FinetuneOptions, _load_model
+
+    plain = torch.load(pretrained, weights_only=True)
+    torch.save({"epoch": 3, "arch": "test_resnet", "state_dict": {f"module.{k}": v for k, v in plain.items()}},
+               tmp_path / "timm.pt")  # fmt: skip
+    assert main(["patch", *RESNET, "--num-classes", "10", "--checkpoint", str(pretrained),
+                 "--out", str(tmp_path / "out.pt"), "--json"]) == 0  # fmt: skip
+    capsys.readouterr()
+    for name in ("timm.pt", "out.pt"):
+        model, ckpt, replaced = _load_model(FinetuneOptions("test_resnet", checkpoint=str(tmp_path / name)))
+        assert replaced and model.fc.out_features == 10  # sized to the checkpoint's classifier, not timm's 1000
+        assert all(torch.equal(v, plain[k]) for k, v in model.state_dict().items()), name
+
+
 def test_gaaf_changes_training_and_no_patch_is_the_baseline(pretrained, tmp_path, capsys):
     """Same checkpoint, seed and batches: the GAAF gradient gives other weights than plain training."""
     common = [*RESNET, "--checkpoint", str(pretrained), "--epochs", "1", "--sched", "constant"]
