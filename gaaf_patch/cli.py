@@ -422,7 +422,13 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         device=args.device,
     )  # fmt: skip
     console = Console(highlight=False)
-    result = finetune(opts, console)
+    try:
+        result = finetune(opts, console)
+    except KeyboardInterrupt:
+        out = opts.out_path
+        where = f"; the last checkpoint is {out}: continue with --resume {out}" if out.is_file() else ""
+        print(f"{PROG}: interrupted{where}", file=sys.stderr)
+        return 130
     if result.out is None:
         return 0
     console.print(f"saved {escape(str(result.out))}", soft_wrap=True)

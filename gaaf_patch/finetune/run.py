@@ -354,10 +354,10 @@ def _run(opts: FinetuneOptions, d: dist.Dist, console: Any) -> FinetuneResult:
         acts = ", ".join(f"{k} {v}" for k, v in sorted(summary["by_activation"].items()))
         _say(d, console, f"patched: replaced {summary['replaced']}{f' ({acts})' if acts else ''}, "
              f"stripped {summary['stripped']}, unreached {summary['unreached']}")  # fmt: skip
-        if ckpt is not None and opts.resume and ckpt.gaaf_config not in (None, gaaf_config):
-            _say(d, console, f"note: the resumed run was patched with {ckpt.gaaf_config}; now {gaaf_config}")
     else:
         _say(d, console, "not patched (--no-patch): plain training, the baseline")
+    if ckpt is not None and opts.resume and ckpt.extra.get("gaaf_config") != gaaf_config:
+        _say(d, console, f"note: the resumed run was patched with {ckpt.extra.get('gaaf_config')}; now {gaaf_config}")
 
     model.to(d.device)
     train_loader, sampler, val_loader = _loaders(opts, ds, d)
@@ -411,8 +411,9 @@ def _run(opts: FinetuneOptions, d: dist.Dist, console: Any) -> FinetuneResult:
             raise RuntimeError(f"the {d.world_size} replicas' weights differ after epoch {epoch + 1}: {digests}")
         last = epoch + 1 == opts.epochs
         if last and d.is_main:
-            batch = ds.prepare(next(iter(val_loader))[0].to(d.device))
-            deploy = _deploy_check(opts, model, classes if replaced else None, batch, precision)
+            with torch.random.fork_rng(devices=[d.device] if d.device.type == "cuda" else []):  # not the run's RNG
+                batch = ds.prepare(next(iter(val_loader))[0].to(d.device))
+                deploy = _deploy_check(opts, model, classes if replaced else None, batch, precision)
         if d.is_main:
             state = {
                 "state_dict": model.state_dict(),
