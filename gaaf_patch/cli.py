@@ -387,7 +387,7 @@ def _add_finetune_parser(sub: argparse._SubParsersAction) -> None:
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=_positive_int, default=3, help="total epochs, also when resuming (default 3)")
     t.add_argument("--batch-size", type=_positive_int, default=64, help="per process (default 64)")
-    t.add_argument("--lr", type=float, default=0.01, help="learning rate (default 0.01)")
+    t.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 0.001; see docs/finetune.md)")
     t.add_argument(
         "--opt", default="sgd", help="timm optimizer name: sgd (Nesterov momentum), adamw, ... (default sgd)"
     )

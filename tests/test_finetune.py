@@ -129,7 +129,7 @@ def test_finetune_deploys_into_the_unpatched_model(pretrained, tmp_path, capsys)
     with torch.no_grad():
         before_correct = int((before(images).argmax(1) == labels).sum())
     assert not torch.equal(before.fc.weight, plain.fc.weight)
-    assert correct > before_correct and correct / 359 > 0.85
+    assert correct > before_correct and correct / 359 > 0.9
 
     # the file goes back into `gaaf-patch patch --checkpoint` (and so into --checkpoint/--resume here)
     assert main(["patch", *RESNET, "--num-classes", "10", "--checkpoint", str(out), "--json"]) == 0
@@ -216,7 +216,9 @@ def test_resume_when_done_does_nothing(toy, tmp_path, capsys):
 
 def test_amp_bf16_on_cpu(toy, tmp_path, capsys):
     out = tmp_path / "amp.pt"
-    assert main(["finetune", toy, "--input-size", "64", "--amp", "--epochs", "1", "--out", str(out)]) == 0
+    assert (
+        main(["finetune", toy, "--input-size", "64", "--amp", "--lr", "0.05", "--epochs", "1", "--out", str(out)]) == 0
+    )
     ckpt = _load(out)
     assert ckpt["args"]["amp"] == "auto" and ckpt["deploy_check"]["bit_identical"]
     assert all(t.dtype == torch.float32 for t in ckpt["state_dict"].values())  # autocast: float32 master weights
