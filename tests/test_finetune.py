@@ -264,6 +264,35 @@ def test_image_folder(tmp_path, capsys):
     assert (ckpt["history"][0]["val_count"], "18 train / 2 val") == (2, text.split("imgs (")[1][:16])
 
 
+def _png(path: Path, value: int) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (6, 5), (value, value, value)).save(path)
+
+
+def test_image_folders_train_val_layout_and_holdout(tmp_path):
+    for split, n in (("train", 3), ("val", 2)):
+        for c in ("a", "b"):
+            for i in range(n):
+                _png(tmp_path / split / c / f"{i}.png", 40 * i)
+    train, val, classes = data.image_folders(tmp_path)
+    assert (len(train), len(val), classes) == (6, 4, ["a", "b"])
+    assert sorted(val.targets) == [0, 0, 1, 1]
+    _png(tmp_path / "val" / "c" / "0.png", 0)  # a class only the validation split has
+    with pytest.raises(data.DataError, match=r"different class folders \(2 vs 3: \['c'\]\)"):
+        data.image_folders(tmp_path)
+
+    digits = data.digits()
+    tr, held = data.holdout(digits, 0.2)
+    tr2, held2 = data.holdout(digits, 0.2)
+    assert (len(tr), len(held)) == (1438, 359) and torch.equal(held.labels, held2.labels)
+    everything = torch.cat([tr.images, held.images]).flatten(1)
+    # a partition, nothing lost or doubled (pixels are k/16: these float32 sums are exact in any order)
+    assert torch.equal(everything.sum(0), digits.images.flatten(1).sum(0))
+    assert torch.equal(torch.sort(torch.cat([tr.labels, held.labels])).values, torch.sort(digits.labels).values)
+
+
 # ------------------------------------------------------------------------------------------------------ bad inputs
 
 
