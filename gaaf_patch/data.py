@@ -18,8 +18,20 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from torch.utils.data import Dataset, Subset
 
-__all__ = ["DataError", "Split", "data_dir", "mnist", "digits", "mnist_available"]
+__all__ = [
+    "DataError",
+    "Split",
+    "data_dir",
+    "mnist",
+    "digits",
+    "mnist_available",
+    "holdout",
+    "SplitDataset",
+    "image_folders",
+    "IMAGE_FOLDER_VAL_NAMES",
+]
 
 ENV = "GAAF_DATA_DIR"
 DEFAULT_DIR = Path.home() / ".cache" / "gaaf-patch" / "data"
@@ -88,3 +100,89 @@ def digits() -> Split:
     d = load_digits()
     images = torch.from_numpy(d.images).float().div_(16).unsqueeze(1)
     return Split(images, torch.from_numpy(d.target).long())
+
+
+def holdout(split: Split, fraction: float = 0.2, seed: int = 0) -> tuple[Split, Split]:
+    """``split`` cut in two by one seeded permutation: ``(train, held-out)``, the second ``fraction`` of the samples.
+
+    For data sets with no test split of their own (digits). The seed is fixed apart from any training seed, so every
+    run, resumed or not, evaluates on the same samples.
+    """
+    if not 0 < fraction < 1:
+        raise ValueError(f"holdout fraction must be in (0, 1), got {fraction}")
+    n_held = max(1, round(len(split) * fraction))
+    order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))
+    train, held = order[n_held:], order[:n_held]
+    return Split(split.images[train], split.labels[train]), Split(split.images[held], split.labels[held])
+
+
+class SplitDataset(Dataset):
+    """A :class:`Split` as a map-style data set that hands out whole batches.
+
+    ``DataLoader`` calls ``__getitems__`` with a batch's indices: one indexing of the two tensors per batch instead of
+    one call and one collate per sample. Pass ``collate_fn=SplitDataset.collate`` (the batch is already made).
+    """
+
+    def __init__(self, split: Split) -> None:
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        return self.split.images[i], self.split.labels[i]
+
+    def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor]:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return self.split.images[idx], self.split.labels[idx]
+
+    @staticmethod
+    def collate(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        return batch
+
+
+IMAGE_FOLDER_VAL_NAMES = ("val", "validation", "test")
+
+
+def image_folders(root: str | os.PathLike, train_transform=None, eval_transform=None, holdout_fraction: float = 0.1):
+    """An ImageFolder tree as ``(train, held-out, classes)`` torchvision data sets (one sub-folder per class).
+
+    ``root/train`` with ``root/val`` (or ``validation``, ``test``) are used as they are; a tree with neither is split
+    by one seeded permutation (``holdout_fraction`` held out), each side with its own transform. Empty or malformed
+    trees raise :class:`DataError` saying what was expected.
+    """
+    from torchvision.datasets import ImageFolder
+
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"no such data folder: {root}")
+    train_dir = root / "train"
+    val_dir = next((root / n for n in IMAGE_FOLDER_VAL_NAMES if (root / n).is_dir()), None)
+
+    def load(folder: Path, transform) -> ImageFolder:
+        try:
+            return ImageFolder(str(folder), transform=transform)
+        except (FileNotFoundError, RuntimeError) as e:  # no class folder / no image file in any class folder
+            raise DataError(
+                f"{folder} is not an image-folder tree ({' '.join(str(e).split())[:160]}); expected one sub-folder "
+                f"per class holding images (.jpg, .png, ...), or train/ and val/ folders laid out so"
+            ) from e
+
+    if train_dir.is_dir():
+        if val_dir is None:
+            raise DataError(f"{root} has train/ but no {'/, '.join(IMAGE_FOLDER_VAL_NAMES)}/ folder to evaluate on")
+        train, held = load(train_dir, train_transform), load(val_dir, eval_transform)
+        if train.classes != held.classes:
+            raise DataError(
+                f"{train_dir} and {val_dir} have different class folders "
+                f"({len(train.classes)} vs {len(held.classes)}: {sorted(set(train.classes) ^ set(held.classes))[:5]})"
+            )
+        return train, held, list(train.classes)
+    full = load(root, train_transform)
+    if len(full) < 2:
+        raise DataError(f"{root} holds {len(full)} image(s); at least 2 are needed to train and evaluate")
+    n_held = max(1, round(len(full) * holdout_fraction))
+    order = torch.randperm(len(full), generator=torch.Generator().manual_seed(0)).tolist()
+    train = Subset(full, order[n_held:])
+    held = Subset(load(root, eval_transform), order[:n_held])
+    return train, held, list(full.classes)

@@ -292,6 +292,11 @@ class PatchedForward:
 
         self.fns = {mode: _forward_from_src(src, dict(globs)) for mode, (src, globs) in self.codes.items()}
 
+    @property
+    def __code__(self) -> types.CodeType:
+        # torch.export reads the exported module's ``forward.__code__`` (to name its shape environment).
+        return self.fns[self.module.training].__code__
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if not kwargs and len(args) == self.required:
             return self.fns[self.module.training](self.module, *args)
