@@ -52,7 +52,9 @@ def mlp(act: str, dropout: float) -> nn.Sequential:
 def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
     model.eval()
     with torch.no_grad():
-        correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in zip(images.split(1000), labels.split(1000)))
+        correct = sum(
+            int((model(x).argmax(1) == y).sum()) for x, y in zip(images.split(1000), labels.split(1000), strict=True)
+        )
     model.train()
     return correct / len(labels)
 
@@ -109,15 +111,19 @@ def main(argv: list[str] | None = None) -> None:
                     loss = F.cross_entropy(m(x), y)
                 opts[k].zero_grad(set_to_none=True)
                 loss.backward()
-                gradinfo[k] += torch.tensor([lin.weight.grad.abs().mean().item() for lin in linears[k]], dtype=torch.float64)
+                gradinfo[k] += torch.tensor(
+                    [lin.weight.grad.abs().mean().item() for lin in linears[k]], dtype=torch.float64
+                )
                 opts[k].step()
             steps += 1
         for k, m in models.items():
             history[k].append(accuracy(m, test.images, test.labels))
     gradinfo = {k: v / steps for k, v in gradinfo.items()}
 
-    print(f"\nMNIST MLP 784-512-256-256-10 ({args.act}), dropout p={args.p}, {args.epochs} epochs x {steps // args.epochs}"
-          f" steps, SGD lr {args.lr} momentum 0.9, batch {args.batch_size}, seed {args.seed}\n")
+    print(
+        f"\nMNIST MLP 784-512-256-256-10 ({args.act}), dropout p={args.p}, {args.epochs} epochs x {steps // args.epochs}"
+        f" steps, SGD lr {args.lr} momentum 0.9, batch {args.batch_size}, seed {args.seed}\n"
+    )
     print("| variant | test acc. per epoch | grad. info W1 | W2 | W3 | W4 | mean rel. distance to dropout |")
     print("|---|---|---|---|---|---|---|")
     ref = gradinfo["dropout"]

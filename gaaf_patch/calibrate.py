@@ -31,7 +31,15 @@ from .api import PatchError, patch
 from .passes.context import RECORD_ATTR
 from .shapes import ShapeFn, dropout_matched
 
-__all__ = ["calibrate", "calibrate_from", "calibrated_shapes", "load_batches", "noise_table", "ESTIMATORS", "SIGMA_DIGITS"]
+__all__ = [
+    "calibrate",
+    "calibrate_from",
+    "calibrated_shapes",
+    "load_batches",
+    "noise_table",
+    "ESTIMATORS",
+    "SIGMA_DIGITS",
+]
 
 ESTIMATORS = ("empirical", "eq6")
 SIGMA_DIGITS = 3  # sigma is rounded to 3 significant digits: a readable spec, and one cached table per value
@@ -48,6 +56,13 @@ def calibrated_shapes(noise: Sequence[SiteNoise], *, estimator: str = "empirical
     shapes = {}
     for site in noise:
         if not site.fed:
+            continue
+        if site.shared > 1:
+            warnings.warn(
+                f"gaaf-patch calibrate: {site.shared} sites share the name {site.name!r}; a shape is chosen by site "
+                "name, so they keep their default shape",
+                stacklevel=2,
+            )
             continue
         sigma = site.sigma_eq6 if estimator == "eq6" and site.sigma_eq6 is not None else site.sigma
         shapes[site.name] = dropout_matched(site.activation, float(f"{sigma:.{SIGMA_DIGITS}g}"))
@@ -74,8 +89,12 @@ def calibrate_from(
     user = dict(patch_options.pop("shapes", None) or {})
     patterns = {k: v for k, v in user.items() if k not in _acts.ACTIVATIONS}
     by_activation = {k: v for k, v in user.items() if k in _acts.ACTIVATIONS}
-    calibrated = {_literal(name): shape for name, shape in calibrated_shapes(noise, estimator=estimator).items()}
-    if not calibrated:
+    calibrated = {
+        key: shape
+        for key, shape in ((_literal(n), s) for n, s in calibrated_shapes(noise, estimator=estimator).items())
+        if key not in patterns
+    }
+    if not any(n.fed for n in noise):
         warnings.warn(
             "gaaf-patch calibrate: no activation site is fed by dropout; every site keeps its default shape",
             stacklevel=2,
@@ -170,7 +189,9 @@ def _fit(images: Tensor, input_size: tuple[int, ...], source: str) -> Tensor:
     if images.dim() == 3:
         images = images.unsqueeze(1)
     if images.dim() != 4:
-        raise ValueError(f"{source}: inputs of shape {list(images.shape[1:])} do not fit the model's {list(input_size)}")
+        raise ValueError(
+            f"{source}: inputs of shape {list(images.shape[1:])} do not fit the model's {list(input_size)}"
+        )
     if len(input_size) == 1:
         side = math.isqrt(input_size[0] // images.shape[1])
         if side * side * images.shape[1] != input_size[0]:

@@ -24,7 +24,7 @@ def _reference(dphi, x: float, sigma: float, kinks=()) -> float:
     pts = sorted({x - 10 * sigma, x + 10 * sigma, *[k for k in kinks if abs(k - x) < 10 * sigma]})
     dens = lambda t: math.exp(-0.5 * ((t - x) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))  # noqa: E731
     m = sum(integrate.quad(lambda t: dphi(t) * dens(t), a, b, epsabs=1e-13, epsrel=1e-13, limit=200)[0]
-            for a, b in zip(pts[:-1], pts[1:]))  # fmt: skip
+            for a, b in zip(pts[:-1], pts[1:], strict=True))  # fmt: skip
     return max(0.0, m - dphi(x))
 
 
@@ -52,7 +52,9 @@ def test_relu_at_sigma_1_is_where_gauss_hermite_fails():
     z, w = np.polynomial.hermite.hermgauss(20)
     gauss_hermite = float((w * ((-1 + math.sqrt(2) * z) > 0)).sum() / math.sqrt(math.pi))
     assert abs(gauss_hermite - 0.15865525393145707) > 1e-2
-    assert D.expected_derivative("relu", torch.tensor([-1.0]), 1.0).item() == pytest.approx(0.15865525393145707, abs=1e-13)
+    assert D.expected_derivative("relu", torch.tensor([-1.0]), 1.0).item() == pytest.approx(
+        0.15865525393145707, abs=1e-13
+    )
     spec = dropout_matched("relu", 1.0).spec
     assert get(spec)(torch.tensor([-1.0], dtype=F64)).item() == pytest.approx(0.158655, abs=1e-5)
 
@@ -81,7 +83,9 @@ KINKED = {
 def test_kinked_activations_against_high_precision_integration(act, sigma):
     dphi, kinks = KINKED[act]
     # away from the kinks themselves (where the one-sided limit decides the value)
-    xs = torch.tensor([v for v in torch.linspace(-8, 9, 69, dtype=F64).tolist() if min(abs(v - k) for k in kinks) > 1e-3])
+    xs = torch.tensor(
+        [v for v in torch.linspace(-8, 9, 69, dtype=F64).tolist() if min(abs(v - k) for k in kinks) > 1e-3]
+    )
     ref = torch.tensor([_reference(dphi, float(x), sigma, kinks) for x in xs], dtype=F64)
     assert (D.table(act, sigma)(xs) - ref).abs().max() < 1e-4
     assert ref.max() > 0.01  # not vacuous (elu at sigma 0.25: 0.017)
@@ -180,4 +184,6 @@ def test_inside_the_gaaf_backward():
     t = torch.linspace(-4, 4, 401, dtype=torch.float32).requires_grad_(True)
     gaaf.gaaf(t, "tanh", dropout_matched("tanh", 0.8)).sum().backward()
     m = D.expected_derivative("tanh", t.detach(), 0.8)
-    torch.testing.assert_close(t.grad.double(), torch.maximum(m, 1 - torch.tanh(t.detach().double()) ** 2), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        t.grad.double(), torch.maximum(m, 1 - torch.tanh(t.detach().double()) ** 2), atol=1e-4, rtol=0
+    )

@@ -41,7 +41,9 @@ class SiteNoise:
 
     ``sigma``: empirical standard deviation (RMS over units and samples of the per-unit std over masks);
     ``sigma_eq6``: eq. 6's, or None where the net is not a Linear/Conv of a dropout's output; ``net_rms``: the RMS
-    of the net itself; ``fed``: whether dropout moves this net at all; ``dropout``/``p``: the dropout eq. 6 used.
+    of the net itself; ``fed``: whether dropout moves this net at all; ``dropout``/``p``: the dropout eq. 6 used;
+    ``shared``: how many distinct sites carry this name (more than 1: their nets are pooled, and a shape keyed by
+    the name cannot tell them apart).
     """
 
     name: str
@@ -52,6 +54,7 @@ class SiteNoise:
     fed: bool
     dropout: str | None = None
     p: float | None = None
+    shared: int = 1  # distinct sites reported under this name (their nets are pooled)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -83,7 +86,9 @@ def batches_of(data: Any, limit: int) -> Iterator[Tensor]:
         if isinstance(item, (tuple, list)) and item:
             item = item[0]
         if not isinstance(item, Tensor):
-            raise TypeError(f"a calibration batch must be a tensor or an (input, target) pair, not {type(item).__name__}")
+            raise TypeError(
+                f"a calibration batch must be a tensor or an (input, target) pair, not {type(item).__name__}"
+            )
         n += 1
         yield item
     if n == 0:
@@ -207,10 +212,12 @@ def net_variance(
                 live[id(out)] = (out, ("layer", var, name, p))
 
     seen: set[int] = set()
+    shared: dict[str, int] = {}
     for m in probe.modules():
         if isinstance(m, GAAF) and id(m) not in seen and m.site is not None:
             seen.add(id(m))
-            sites[m.site.name] = _Accumulator()
+            shared[m.site.name] = shared.get(m.site.name, 0) + 1
+            sites.setdefault(m.site.name, _Accumulator())
             spelled[m.site.name] = act_spec(m.activation, m.params)
             hooks.append(m.register_forward_pre_hook(on_site(m.site.name)))
         elif type(m) is nn.Dropout:  # element-wise masks: eq. 6 holds (not for channel-wise or alpha dropout)
@@ -248,7 +255,7 @@ def net_variance(
             eq6 = math.sqrt(acc.eq6_sum / acc.eq6_elements)
         fed = sigma > FED_RTOL * rms and sigma > 0
         dropout, p = acc.dropout if acc.dropout else (None, None)
-        out.append(SiteNoise(name, spelled[name], sigma, eq6, rms, fed, dropout, p))
+        out.append(SiteNoise(name, spelled[name], sigma, eq6, rms, fed, dropout, p, shared[name]))
     return out
 
 

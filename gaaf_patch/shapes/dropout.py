@@ -303,9 +303,7 @@ def _build(phi: Callable[[Tensor], Tensor], kinks: tuple[float, ...], sigma: flo
     return Table(nodes, right[:-1], left[1:])
 
 
-def table(
-    activation: str | Callable[[Tensor], Tensor], sigma: float, kinks: Sequence[float] = ()
-) -> Table:
+def table(activation: str | Callable[[Tensor], Tensor], sigma: float, kinks: Sequence[float] = ()) -> Table:
     """The cached table of ``s_sigma`` for ``activation`` (a registered name, with parameters, or a callable)."""
     sigma = float(sigma)
     if not (sigma >= 0 and math.isfinite(sigma)):
