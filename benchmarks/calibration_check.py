@@ -3,6 +3,7 @@
 ::
 
     python -m benchmarks.calibration_check --data-dir ../shared/data --epochs 2 --act tanh
+    python -m benchmarks.calibration_check --cost --act tanh     # step time only (synthetic data, no MNIST)
 
 Four variants from the same initial weights, trained side by side with the same batches (SGD, momentum 0.9):
 
@@ -59,6 +60,39 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> fl
     return correct / len(labels)
 
 
+def step_cost(act: str, repeats: int = 21, steps: int = 20) -> None:
+    """Training-step time of the MLP (batch 128, synthetic data): GAAF with the paper's shapes against GAAF with a
+    dropout-matched shape at every hidden site, both against the plain model; interleaved, median of ``repeats``."""
+    torch.manual_seed(0)
+    x, y = torch.rand(128, 784), torch.randint(0, 10, (128,))
+    dropout_model = mlp(act, 0.5)
+    base = mlp(act, 0.0)
+    base.load_state_dict({k: v for k, v in zip(base.state_dict(), dropout_model.state_dict().values(), strict=True)})
+    sites = [n for n, m in dropout_model.named_modules() if isinstance(m, (nn.Tanh, nn.ReLU))]
+    matched = {s: gaaf.shapes.dropout_matched(act, 0.5) for s in sites}
+    models = {
+        "base": base,
+        "gaaf_paper": gaaf.patch(copy.deepcopy(dropout_model), strip_dropout=True),
+        "calibrated": gaaf.patch(copy.deepcopy(dropout_model), strip_dropout=True, shapes=matched),
+    }
+    opts = {k: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for k, m in models.items()}
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for r in range(repeats):
+        order = list(models)[r % 3 :] + list(models)[: r % 3]
+        for k in order:
+            m, opt = models[k], opts[k]
+            start = time.perf_counter()
+            for _ in range(steps):
+                opt.zero_grad(set_to_none=True)
+                F.cross_entropy(m(x), y).backward()
+                opt.step()
+            times[k].append((time.perf_counter() - start) / steps)
+    ratio = {k: sorted(a / b for a, b in zip(times[k], times["base"], strict=True))[repeats // 2] for k in models}
+    print(f"step time, MLP ({act}), batch 128, torch threads {torch.get_num_threads()}, median of {repeats}:")
+    for k in models:
+        print(f"  {k}: {sorted(times[k])[repeats // 2] * 1e3:.2f} ms ({ratio[k]:.3f}x base)")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data-dir", default=None)
@@ -69,7 +103,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--train-size", type=int, default=60000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cost", action="store_true", help="only time a training step: paper shapes vs calibrated")
     args = p.parse_args(argv)
+    if args.cost:
+        step_cost(args.act)
+        return
 
     train = data.mnist(args.data_dir, train=True, download=False)
     test = data.mnist(args.data_dir, train=False, download=False)
