@@ -192,14 +192,14 @@ def test_inside_the_gaaf_backward():
 def test_double_backward_and_the_compiled_op():
     """Eager: differentiable torch ops; compiled: one opaque custom op (Dynamo must not trace the table's build),
     whose registered derivative is the cell's slope."""
-    x = torch.linspace(-5, 5, 101, dtype=F64).requires_grad_(True)
+    x = (torch.linspace(-5, 5, 101, dtype=F64) + 0.00123).requires_grad_(True)  # off the grid's nodes
     s = dropout_matched("tanh", 0.7)
     (g,) = torch.autograd.grad(s(x).sum(), x)
     (g_op,) = torch.autograd.grad(torch.ops.gaaf_patch.dropout_matched(x, "tanh", 0.7).sum(), x)
     torch.testing.assert_close(g, g_op, atol=1e-9, rtol=0)
     h = 1e-6  # the table is piecewise linear: the slope is the finite difference inside a cell
     fd = (s(x.detach() + h) - s(x.detach() - h)) / (2 * h)
-    assert (g - fd).abs().quantile(0.9) < 1e-6 and g.abs().max() > 0.05  # the rest: a node or the clip nearby
+    assert (g - fd).abs().max() < 1e-6 and g.abs().max() > 0.05
 
 
 def test_torch_compile_fullgraph():
