@@ -13,7 +13,10 @@ Four variants from the same initial weights, trained side by side with the same 
 - ``calibrated``: the dropout model through ``gaaf.calibrate(model, batches)``: one dropout-matched shape per site
   fed by dropout; the sites no dropout feeds (the first hidden layer) keep the paper's default shape;
 - ``calibrated_zero``: the same, with ``shapes={ACT: "zero"}``: the sites no dropout feeds get no extra gradient
-  (dropout gives them none either).
+  (dropout gives them none either);
+- ``recalibrated_zero``: ``calibrated_zero`` whose sigmas are measured again every ``--recalibrate-every`` steps
+  (``gaaf.unpatch`` puts the dropouts back, ``gaaf.calibrate`` measures and patches again), since the noise grows
+  with the weights.
 
 Gradient information per layer (the paper's eq. 5) is computed inline: the mean over training steps of the mean
 ``|dL/dW|`` of each Linear weight. The check the issue asks for: is ``calibrated`` closer to ``dropout`` than
@@ -35,7 +38,7 @@ import gaaf_patch as gaaf
 from gaaf_patch import data
 from gaaf_patch.analysis import net_variance
 
-VARIANTS = ("base", "dropout", "gaaf_paper", "calibrated", "calibrated_zero")
+VARIANTS = ("base", "dropout", "gaaf_paper", "calibrated", "calibrated_zero", "recalibrated_zero")
 
 
 def mlp(act: str, dropout: float) -> nn.Sequential:
@@ -103,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--train-size", type=int, default=60000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--recalibrate-every", type=int, default=100, metavar="STEPS")
     p.add_argument("--cost", action="store_true", help="only time a training step: paper shapes vs calibrated")
     args = p.parse_args(argv)
     if args.cost:
@@ -128,6 +132,7 @@ def main(argv: list[str] | None = None) -> None:
         "gaaf_paper": gaaf.patch(copy.deepcopy(dropout_model), strip_dropout=True),
         "calibrated": calibrated,
         "calibrated_zero": calibrated_zero,
+        "recalibrated_zero": copy.deepcopy(calibrated_zero),
     }
     print(f"calibrated in {calib_seconds:.2f} s; shapes:")
     for r in gaaf.report(calibrated).replaced:
@@ -154,6 +159,9 @@ def main(argv: list[str] | None = None) -> None:
                 )
                 opts[k].step()
             steps += 1
+            if steps % args.recalibrate_every == 0:
+                m = gaaf.unpatch(models["recalibrated_zero"])
+                gaaf.calibrate(m, calib_batches, shapes={args.act: "zero"})
         for k, m in models.items():
             history[k].append(accuracy(m, test.images, test.labels))
     gradinfo = {k: v / steps for k, v in gradinfo.items()}
@@ -171,6 +179,10 @@ def main(argv: list[str] | None = None) -> None:
         accs = " / ".join(f"{a:.4f}" for a in history[k])
         print(f"| {k} | {accs} | " + " | ".join(f"{v:.3e}" for v in g) + f" | {dist:.3f} |")
 
+    print(
+        "\nrecalibrated_zero at the end: "
+        + ", ".join(r["shape"] for r in gaaf.report(models["recalibrated_zero"]).replaced)
+    )
     after = net_variance(models["dropout"], calib_batches, batches=4, masks=8)
     print("\ndropout noise sigma per site: at initialisation (used) -> after training")
     for r, n in zip(gaaf.report(calibrated).replaced, after, strict=True):
