@@ -59,7 +59,7 @@ def calibrated_shapes(noise: Sequence[SiteNoise], *, estimator: str = "empirical
             continue
         if site.shared > 1:
             warnings.warn(
-                f"gaaf-patch calibrate: {site.shared} sites share the name {site.name!r}; a shape is chosen by site "
+                f"gaaf-patch: calibrate: {site.shared} sites share the name {site.name!r}; a shape is chosen by site "
                 "name, so they keep their default shape",
                 stacklevel=2,
             )
@@ -96,7 +96,7 @@ def calibrate_from(
     }
     if not any(n.fed for n in noise):
         warnings.warn(
-            "gaaf-patch calibrate: no activation site is fed by dropout; every site keeps its default shape",
+            "gaaf-patch: calibrate: no activation site is fed by dropout; every site keeps its default shape",
             stacklevel=2,
         )
     return patch(model, strip_dropout=True, shapes={**patterns, **calibrated, **by_activation}, **patch_options)

@@ -414,7 +414,9 @@ def _print_calibration(rows: list | None) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    t = Table(title="calibration: dropout noise on each site's net")
+    any_fed = any(r["fed"] for r in rows)
+    caption = None if any_fed else "no site is fed by dropout: every site keeps its default shape"
+    t = Table(title="calibration: dropout noise on each site's net", caption=caption)
     for col in ("site", "activation", "sigma (masks)", "sigma (eq. 6)", "net RMS", "fed by", "sigma used"):
         t.add_column(col, overflow="fold")
     for r in rows:
