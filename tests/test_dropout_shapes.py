@@ -168,11 +168,11 @@ def test_bad_sigmas_and_shapes_that_do_not_decay():
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16, torch.float32, torch.float64))
 def test_any_dtype_and_layout(dtype):
     s = dropout_matched("tanh", 1.0)
-    x64 = torch.randn(6, 7, dtype=F64) * 3
+    x64 = torch.randn(60, 70, dtype=F64, generator=torch.Generator().manual_seed(0)) * 3
     x = x64.to(dtype).t()  # not contiguous
     out = s(x)
     assert out.dtype == dtype and out.shape == x.shape
-    tol = {torch.float16: 2e-3, torch.bfloat16: 2e-2}.get(dtype, 1e-5)
+    tol = {torch.float16: 1e-3, torch.bfloat16: 4e-3}.get(dtype, 1e-5)  # the output's rounding (s <= 0.14)
     torch.testing.assert_close(out.double(), s(x.double()), atol=tol, rtol=0)
     special = torch.tensor([float("inf"), -float("inf"), float("nan")], dtype=dtype)
     v = s(special)

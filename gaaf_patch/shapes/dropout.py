@@ -270,6 +270,8 @@ class Table:
     def __call__(self, x: Tensor) -> Tensor:
         if not self.n:
             return torch.zeros_like(x)
+        if x.dtype in (torch.float16, torch.bfloat16):  # u needs float32: half has no integers above 2048
+            return self(x.float()).to(x.dtype)  # (GAAF's backward already calls shapes in float32 for half inputs)
         u, cell, a, b = self._cell(x)
         return torch.addcmul(a.index_select(0, cell), b.index_select(0, cell), u).clamp_min_(0).view(x.shape)
 
@@ -277,6 +279,8 @@ class Table:
         """``ds/dx``: the cell's slope where ``s > 0``, else 0 (for double backward through a compiled graph)."""
         if not self.n:
             return torch.zeros_like(x)
+        if x.dtype in (torch.float16, torch.bfloat16):
+            return self.slope(x.float()).to(x.dtype)
         u, cell, a, b = self._cell(x)
         bc = b.index_select(0, cell)
         return torch.where(torch.addcmul(a.index_select(0, cell), bc, u) > 0, bc / self.h, 0.0).view(x.shape)
