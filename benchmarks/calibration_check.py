@@ -96,7 +96,9 @@ def step_cost(act: str, repeats: int = 21, steps: int = 20) -> None:
         print(f"  {k}: {sorted(times[k])[repeats // 2] * 1e3:.2f} ms ({ratio[k]:.3f}x base)")
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict[str, dict[str, object]] | None:
+    """Run the check and print its tables; returns ``{variant: {"accuracy": [...], "gradinfo": [...],
+    "distance": float}}`` (None with ``--cost``)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data-dir", default=None)
     p.add_argument("--act", choices=("tanh", "relu"), default="tanh")
@@ -111,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.cost:
         step_cost(args.act)
-        return
+        return None
 
     train = data.mnist(args.data_dir, train=True, download=False)
     test = data.mnist(args.data_dir, train=False, download=False)
@@ -187,6 +189,14 @@ def main(argv: list[str] | None = None) -> None:
     print("\ndropout noise sigma per site: at initialisation (used) -> after training")
     for r, n in zip(gaaf.report(calibrated).replaced, after, strict=True):
         print(f"  site {r['name']}: {r['shape']} -> sigma {n.sigma:.3g} (eq. 6: {n.sigma_eq6 or float('nan'):.3g})")
+    return {
+        k: {
+            "accuracy": history[k],
+            "gradinfo": gradinfo[k].tolist(),
+            "distance": float(((gradinfo[k] - ref).abs() / ref).mean()),
+        }
+        for k in VARIANTS
+    }
 
 
 if __name__ == "__main__":

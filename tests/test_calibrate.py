@@ -201,3 +201,14 @@ def test_cli_calibrate_errors(tmp_path, capsys):
     assert cli.main([spec, "--input-size", "64", "--strip-dropout", "--calibrate", "cifar"]) == 2
     assert "digits, mnist" in capsys.readouterr().err
     assert cli.main([spec, "--input-size", "64", "--strip-dropout", "--calibrate", "digits", "--masks", "1"]) == 2
+
+
+@pytest.mark.slow
+def test_mnist_calibrated_is_closer_to_dropout_than_the_paper_shapes(mnist_dir):
+    """The issue's check, short: 20 steps on 2,560 MNIST images (the full run is benchmarks/calibration_check.py)."""
+    from benchmarks.calibration_check import main
+
+    for act in ("tanh", "relu"):
+        res = main(["--data-dir", str(mnist_dir), "--epochs", "1", "--train-size", "2560", "--act", act])
+        assert res["calibrated"]["distance"] < 0.5 * res["gaaf_paper"]["distance"], (act, res)
+        assert res["calibrated_zero"]["distance"] < res["gaaf_paper"]["distance"], (act, res)
