@@ -8,6 +8,7 @@ from . import shapes
 from .activations import ACTIVATIONS
 from .api import PatchError, patch, unpatch
 from .backend import compile
+from .calibrate import calibrate
 from .config import PatchConfig
 from .modules import GAAF, StrippedDropout
 from .ops import gaaf
@@ -17,6 +18,7 @@ __all__ = [
     "patch",
     "unpatch",
     "compile",
+    "calibrate",
     "report",
     "gaaf",
     "GAAF",

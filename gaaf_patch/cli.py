@@ -239,6 +239,7 @@ def _add_patch_parser(sub: argparse._SubParsersAction) -> None:
     c = p.add_argument_group("check")
     c.add_argument("--input-size", type=_input_size, metavar="C,H,W", help="per-sample input (default: the model's)")
     c.add_argument("--batch-size", type=_positive_int, default=2, help="random batch size (default 2)")
+    _add_calibrate_options(p)
     o = p.add_argument_group("output")
     o.add_argument("--out", metavar="PATH", help="save {state_dict, gaaf_config, model} of the patched model")
     o.add_argument("--json", action="store_true", help="print only JSON on stdout")
@@ -262,7 +263,7 @@ def _cmd_patch(args: argparse.Namespace) -> int:
         # patch() warns about unreached sites; they are in the report, printed below.
         warnings.filterwarnings("ignore", message="gaaf-patch:")
         start = time.perf_counter()
-        patch(model, **_patch_kwargs(args))
+        calibration = _patch_or_calibrate(model, args, input_shape[1:])
         seconds = time.perf_counter() - start
     rep = report(model)
 
@@ -285,8 +286,11 @@ def _cmd_patch(args: argparse.Namespace) -> int:
             "patch_seconds": seconds,
             "out": saved,
         }
+        if calibration is not None:
+            doc["calibration"] = calibration
         print(json.dumps(doc, indent=2, default=str))
     else:
+        _print_calibration(calibration)
         _print_report(args.model, rep, check, seconds, checkpoint, saved, args.out)
     return 0 if check.ok else 1
 
@@ -445,6 +449,71 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
             why = dep.get("error") or f"outputs differ (max |diff| {dep['max_abs_diff']:.3g})"
             console.print(f"[red]deployment check FAILED: {escape(why)}[/]", soft_wrap=True)
     return 0 if result.ok else 1
+
+
+# ------------------------------------------------------------------------------------------- `patch --calibrate`
+
+
+def _add_calibrate_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("calibrate (with --strip-dropout: shapes derived from the dropout each site loses)")
+    g.add_argument("--calibrate", metavar="DATA", help="digits, mnist (see --data-dir) or a .pt file of inputs")
+    g.add_argument("--data-dir", metavar="DIR", help="where MNIST lives (default: $GAAF_DATA_DIR)")
+    g.add_argument("--calibrate-batches", type=_positive_int, default=2, metavar="N", help="batches (default 2)")
+    g.add_argument("--calibrate-batch-size", type=_positive_int, default=16, metavar="N", help="batch size (16)")
+    g.add_argument("--masks", type=_positive_int, default=8, metavar="N", help="dropout masks per batch (default 8)")
+
+
+def _patch_or_calibrate(model: nn.Module, args: argparse.Namespace, input_size: Sequence[int]) -> list | None:
+    """``patch``, or with ``--calibrate``: measure the dropout noise per site and patch with calibrated shapes."""
+    if not getattr(args, "calibrate", None):
+        patch(model, **_patch_kwargs(args))
+        return None
+    from .analysis.variance import net_variance
+    from .calibrate import calibrate_from, calibrated_shapes, load_batches, noise_table
+
+    if not args.strip_dropout:
+        raise UsageError("--calibrate derives the shapes from the dropout it strips: add --strip-dropout")
+    if args.masks < 2:
+        raise UsageError("--masks must be at least 2 to measure a variance")
+    kwargs = _patch_kwargs(args)
+    batches = load_batches(
+        args.calibrate,
+        input_size,
+        batch_size=args.calibrate_batch_size,
+        batches=args.calibrate_batches,
+        data_dir=args.data_dir,
+    )
+    noise = net_variance(
+        model,
+        batches,
+        batches=len(batches),
+        masks=args.masks,
+        activations=kwargs["activations"],
+        strip_droppath=kwargs["strip_droppath"],
+    )
+    calibrate_from(model, noise, **kwargs)
+    return noise_table(noise, calibrated_shapes(noise))
+
+
+def _print_calibration(rows: list | None) -> None:
+    if not rows:
+        return
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    any_fed = any(r["fed"] for r in rows)
+    caption = None if any_fed else "no site is fed by dropout: every site keeps its default shape"
+    t = Table(title="calibration: dropout noise on each site's net", caption=caption)
+    for col in ("site", "activation", "sigma (masks)", "sigma (eq. 6)", "net RMS", "fed by", "sigma used"):
+        t.add_column(col, overflow="fold")
+    for r in rows:
+        eq6 = "" if r["sigma_eq6"] is None else f"{r['sigma_eq6']:.3g}"
+        fed = f"{r['dropout']} (p={r['p']:g})" if r["dropout"] else ("upstream dropout" if r["fed"] else "-")
+        used = r["shape"].rsplit("sigma=", 1)[-1].rstrip(")") if r["shape"] else "- (default shape)"
+        cells = (r["name"], r["activation"], f"{r['sigma']:.3g}", eq6, f"{r['net_rms']:.3g}", fed, used)
+        t.add_row(*(escape(str(c)) for c in cells))
+    Console(highlight=False).print(t)
 
 
 # ----------------------------------------------------------------------------------------------------------- main
