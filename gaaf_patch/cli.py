@@ -424,6 +424,8 @@ def _cmd_repro(args: argparse.Namespace) -> int:
         subset={k: quick[k] for k in ("train", "val", "test")} if quick else None,
     )  # fmt: skip
     console = Console(highlight=False)
+    if not console.is_terminal:  # a log file or a pipe: wide enough that the tables are not folded
+        console = Console(highlight=False, width=170)
     start = time.perf_counter()
     results = mnist.run_study(cfg, RichReporter(console))
     for table in tables(results):

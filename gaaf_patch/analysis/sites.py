@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +27,7 @@ from ..modules import GAAF
 
 __all__ = ["SiteSpec", "ACTIVATION_MODULES", "select", "forward_over", "Hooks"]
 
-SiteSpec = Union[str, type, tuple, Sequence[str], Callable[[str, nn.Module], bool], None]
+SiteSpec = str | type | tuple | Sequence[str] | Callable[[str, nn.Module], bool] | None
 
 ACTIVATION_MODULES: tuple[type[nn.Module], ...] = (
     nn.Tanh, nn.Sigmoid, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,

@@ -71,39 +71,45 @@ class RichReporter(Reporter):
 
 
 def tables(results: dict[str, Any]) -> list[Table]:
-    """Table 4 (+ time, eq. 5, saturation) and Table 1 (correlation counts), ours next to the paper's."""
+    """Ours next to the paper's: Table 4 (+ time), Table 2 (eq. 5) with the saturation fractions, Table 1 (counts)."""
     summary = results.get("summary", {})
     seeds = max((len(s["seeds"]) for s in summary.values()), default=0)
-    main = Table(title=f"MNIST 784-512-256-256-10, mean (std) over {seeds} seed(s); paper = Hahn & Choi Table 4/2")
+    quick = " (--quick subset)" if results.get("setup", {}).get("quick") else ""
+    acc = Table(title=f"MNIST 784-512-256-256-10: mean (std) over {seeds} seed(s){quick}; paper = Hahn & Choi Table 4")
     for col in ("model", "test acc %", "paper", "best epoch", "paper", "epochs run", "s/epoch", "wall s"):
-        main.add_column(col, justify="left" if col == "model" else "right")
-    layers = [k for s in summary.values() for k in s["gradient_info"]]
-    layers = list(dict.fromkeys(layers))
-    sites = list(dict.fromkeys(k for s in summary.values() for k in s["saturation"]))
-    for k in layers:
-        main.add_column(f"G {k}", justify="right")
-    for k in sites:
-        main.add_column(f"sat {k}", justify="right")
+        acc.add_column(col, justify="left" if col == "model" else "right")
     for m, s in summary.items():
         paper = PAPER.get(m, {})
-        pg = PAPER_GRADIENT_INFO.get(m, {})
-        row = [
-            f"{m} ({MODELS[m].description})" if m in MODELS else m,
-            _ms(s["test_acc"]), f"{paper['test_acc']:.2f}" if paper else "",
+        acc.add_row(
+            m, _ms(s["test_acc"]), f"{paper['test_acc']:.2f}" if paper else "",
             _ms(s["best_epoch"], ".0f"), f"{paper['epochs']}" if paper else "",
             _ms(s["epochs_run"], ".0f"), _ms(s["s_per_epoch"], ".2f"), _ms(s["wall_s"], ".0f"),
-        ]  # fmt: skip
+        )  # fmt: skip
+
+    layers = list(dict.fromkeys(k for s in summary.values() for k in s["gradient_info"]))
+    sites = list(dict.fromkeys(k for s in summary.values() for k in s["saturation"]))
+    probes = Table(title="Gradient information per weight layer (eq. 5, from the input; paper's Table 2 in brackets) "
+                   "and % of test-set nets in the saturation area per hidden layer")  # fmt: skip
+    probes.add_column("model")
+    for k in layers:
+        probes.add_column(f"G {k}", justify="right")
+    for k in sites:
+        probes.add_column(f"sat {k}", justify="right")
+    for m, s in summary.items():
+        pg = PAPER_GRADIENT_INFO.get(m, {})
+        row = [m]
         for k in layers:
             g = s["gradient_info"].get(k)
             cell = "-" if not g or not g["n"] else f"{g['mean']:.2e}"
-            if k in pg:
-                cell += f" [dim](paper {pg[k]:.2e})[/]"
-            row.append(cell)
+            row.append(cell + (f" ({pg[k]:.2e})" if k in pg else ""))
         for k in sites:
-            row.append(_ms(s["saturation"].get(k), ".1f", 100.0) + ("%" if s["saturation"].get(k) else ""))
-        main.add_row(*row)
+            sat = s["saturation"].get(k)
+            row.append(_ms(sat, ".1f", 100.0))
+        probes.add_row(*row)
 
-    corr = Table(title="Node pairs with correlation above 0.9 / 0.8 / 0.7 / 0.6 / 0.5 per hidden layer (test set, mean)")
+    corr = Table(
+        title="Node pairs with correlation above 0.9 / 0.8 / 0.7 / 0.6 / 0.5 per hidden layer (test set, mean)"
+    )
     corr.add_column("model")
     csites = list(dict.fromkeys(k for s in summary.values() for k in s["correlations"]))
     for k in csites:
@@ -114,4 +120,8 @@ def tables(results: dict[str, Any]) -> list[Table]:
             c = s["correlations"].get(k, {})
             cells.append(" / ".join(f"{v['mean']:.0f}" for v in c.values()) if c else "-")
         corr.add_row(m, *cells)
-    return [main, corr]
+    notes = ", ".join(f"{m}: {MODELS[m].description}" for m in summary if m in MODELS)
+    models = Table.grid()
+    models.add_row(f"models - {notes}; saturation: tanh |z| > {results.get('setup', {}).get('saturation', 2):g}, "
+                   "ReLU z < 0, hard-tanh |z| > 1")  # fmt: skip
+    return [acc, probes, corr, models]

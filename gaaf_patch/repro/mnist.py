@@ -260,7 +260,9 @@ def write_figures(results: dict[str, Any], out: Path, prefix: str = "mnist_") ->
                          title=f"Net values per hidden layer, test set ({tag}); dotted: saturation bound")  # fmt: skip
     plots.gradient_info(gi, errors=gi_err, reference={m: v for m, v in PAPER_GRADIENT_INFO.items() if m in gi},
                         path=paths[1], title=f"Gradient information per layer, eq. 5 ({tag}); bars: ours, -: paper")  # fmt: skip
-    plots.correlation_histograms(corr, path=paths[2], title=f"Node-pair correlations per hidden layer, test set ({tag})")
+    plots.correlation_histograms(
+        corr, path=paths[2], title=f"Node-pair correlations per hidden layer, test set ({tag})"
+    )
     return paths
 
 
