@@ -102,7 +102,7 @@ def gradient_info(
     seeds) and reference markers (``reference[model][layer]``, e.g. the paper's Table 2)."""
     layers = _site_names(data)
     models = list(data)
-    fig, axes = _figure(1, 1, max(6.0, 1.4 * len(layers) * max(1, len(models)) / 2), 3.8)
+    fig, axes = _figure(1, 1, min(11.0, max(6.0, 0.45 * len(layers) * max(1, len(models)))), 3.8)
     ax = axes[0][0]
     width = 0.8 / max(1, len(models))
     x = np.arange(len(layers))

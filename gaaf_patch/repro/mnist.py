@@ -225,11 +225,14 @@ def summarize(runs: list[dict[str, Any]], models: list[str] | None = None) -> di
     return out
 
 
-def write_figures(results: dict[str, Any], out: Path, prefix: str = "mnist_") -> list[Path]:
+def write_figures(
+    results: dict[str, Any], out: Path, prefix: str = "mnist_", models: list[str] | None = None
+) -> list[Path]:
     """The three PNGs: net-value histograms (Figures 3/6), eq. 5 per layer (Table 2), correlations (Figure 1).
-    Histograms are summed over seeds; eq. 5 is the mean over seeds with the std as error bar."""
+    Histograms are summed over seeds; eq. 5 is the mean over seeds with the std as error bar. ``models``: a subset
+    (default all), e.g. the paper's three tanh models for a figure like its own."""
     runs = results["runs"]
-    models = [m for m in results["models"] if any(r["model"] == m for r in runs)]
+    models = [m for m in (models or results["models"]) if any(r["model"] == m for r in runs)]
     if not models:
         return []
     nets: dict[str, dict[str, Any]] = {}
