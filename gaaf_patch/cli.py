@@ -430,8 +430,8 @@ def _cmd_repro(args: argparse.Namespace) -> int:
     results = mnist.run_study(cfg, RichReporter(console))
     for table in tables(results):
         console.print(table)
-    console.print(f"results: {cfg.out / mnist.RESULTS}; figures: {', '.join(results.get('figures', []))}",
-                  soft_wrap=True)  # fmt: skip
+    figures = ", ".join(results["figures"]) or f"none ({results.get('figures_skipped', 'no finished run')})"
+    console.print(f"results: {cfg.out / mnist.RESULTS}; figures: {figures}", soft_wrap=True)
     console.print(f"wall time {time.perf_counter() - start:.1f} s", soft_wrap=True)
     return 0
 

@@ -15,7 +15,7 @@ from rich.table import Table
 
 from .mnist import Reporter
 from .models import MODELS, PAPER, PAPER_GRADIENT_INFO
-from .train import Data, EpochLog
+from .train import EpochLog
 
 __all__ = ["RichReporter", "tables"]
 
@@ -38,8 +38,7 @@ class RichReporter(Reporter):
         )  # fmt: skip
         self._all = self._run = None
 
-    def start(self, runs, done, data: Data, device: str) -> None:
-        sizes = data.sizes()
+    def start(self, runs, done, sizes: dict[str, int], device: str) -> None:
         self.console.print(
             f"MNIST study on {device}: train {sizes['train']}, validation {sizes['val']}, test {sizes['test']}; "
             f"{len(runs)} run(s) to do" + (f", {len(done)} already done (resumed)" if done else ""),

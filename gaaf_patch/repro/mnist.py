@@ -75,7 +75,9 @@ class StudyConfig:
 class Reporter:
     """Progress callbacks of :func:`run_study`; this one does nothing (the CLI's rich display overrides them)."""
 
-    def start(self, runs: list[tuple[str, int]], done: list[tuple[str, int]], data: Data, device: str) -> None: ...
+    def start(
+        self, runs: list[tuple[str, int]], done: list[tuple[str, int]], sizes: dict[str, int], device: str
+    ) -> None: ...
     def run_start(self, model: str, seed: int, max_epochs: int) -> None: ...
     def epoch(self, model: str, seed: int, log: EpochLog) -> None: ...
     def run_end(self, model: str, seed: int, run: dict[str, Any]) -> None: ...
@@ -276,22 +278,23 @@ def run_study(cfg: StudyConfig, reporter: Reporter | None = None) -> dict[str, A
     setup = cfg.setup()
     if path.exists() and not cfg.resume:
         raise ValueError(f"{path} exists; pass --resume to continue that study, or choose another --out")
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = _device(cfg.device)
-    data = load_data(cfg).to(device)
-    if path.exists():
+    if path.exists():  # checked before the data load: a refused resume fails at once
         results = _load(path, setup)
         results["models"] = list(dict.fromkeys([*results["models"], *cfg.models]))
     else:
         results = {"study": "mnist", "version": VERSION, "setup": setup, "models": list(cfg.models), "runs": [],
                    "paper": {"table4": PAPER, "table2": PAPER_GRADIENT_INFO}}  # fmt: skip
-    results["data"] = data.sizes()
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = _device(cfg.device)
     done = {(r["model"], r["seed"]) for r in results["runs"]}
     # Seed-major order: after k seeds every model has k runs, so a partial study is a fair comparison.
     todo = [(m, s) for s in range(cfg.seeds) for m in cfg.models if (m, s) not in done]
-    reporter.start(todo, sorted(done), data, str(device))
+    if todo:  # a finished study is only re-summarized and re-plotted
+        data = load_data(cfg).to(device)
+        results["data"] = data.sizes()
+        reporter.start(todo, sorted(done), results["data"], str(device))
     for name, seed in todo:
         run = run_one(name, seed, data, cfg, reporter)
         run["environment"] = _environment(device)
@@ -302,7 +305,10 @@ def run_study(cfg: StudyConfig, reporter: Reporter | None = None) -> dict[str, A
         reporter.run_end(name, seed, run)
     results["summary"] = summarize(results["runs"], results["models"])
     save(results, path)
-    results["figures"] = [str(p) for p in write_figures(results, cfg.out)]
+    try:
+        results["figures"] = [str(p) for p in write_figures(results, cfg.out)]
+    except ImportError as e:  # matplotlib is optional: the numbers are on disk, say why the PNGs are not
+        results["figures"], results["figures_skipped"] = [], str(e)
     reporter.finish(results)
     return results
 
