@@ -1,7 +1,7 @@
 """The study as the CLI shows it: a rich progress display while training, and tables next to the paper's numbers.
 
-When the console is not a terminal (a background run writing to a log), the live bars are off and one line per
-finished run is printed instead, so the log says how far the study got.
+When the console is not a terminal (a background run writing to a log), the live bars are off; a line every
+``LOG_EVERY`` epochs and one per finished run are printed instead, so the log says how far the study got.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from .models import MODELS, PAPER, PAPER_GRADIENT_INFO
 from .train import EpochLog
 
 __all__ = ["RichReporter", "tables"]
+
+LOG_EVERY = 10
 
 
 def _ms(s: dict[str, float] | None, fmt: str = ".2f", scale: float = 1.0) -> str:
@@ -56,6 +58,8 @@ class RichReporter(Reporter):
         info = (f"loss {log.train_loss:.4f}  val {log.val_loss:.4f} / {log.val_acc:.2f}%  best ep {log.best_epoch}"
                 f"  {log.seconds:.1f} s/ep")  # fmt: skip
         self.progress.update(self._run, completed=log.epoch, info=info)
+        if not self.console.is_terminal and log.epoch % LOG_EVERY == 0:
+            self.console.print(f"{model} seed {seed}: epoch {log.epoch}: {info}", soft_wrap=True)
 
     def run_end(self, model: str, seed: int, run: dict[str, Any]) -> None:
         self.progress.advance(self._all)
