@@ -4,7 +4,7 @@
 forward (bit for bit in the default ``exact`` mode), gradient ``phi'(x) + s(x)`` where the activation saturates.
 """
 
-from . import shapes
+from . import analysis, shapes
 from .activations import ACTIVATIONS
 from .api import PatchError, patch, unpatch
 from .backend import compile
@@ -28,5 +28,6 @@ __all__ = [
     "Report",
     "shapes",
     "ACTIVATIONS",
+    "analysis",
 ]
 __version__ = "0.1.0"

@@ -516,9 +516,90 @@ def _print_calibration(rows: list | None) -> None:
     Console(highlight=False).print(t)
 
 
+# ------------------------------------------------------------------------------------------------------ `repro`
+
+
+def _positive_float(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        x = 0.0
+    if not x > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return x
+
+
+def _add_repro_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("repro", help="reproduce one of the paper's experiments (mnist)")
+    studies = p.add_subparsers(dest="study", metavar="STUDY", required=True)
+    m = studies.add_parser(
+        "mnist",
+        help="the MNIST MLP study: base / dropout / GAAF (+ ReLU, noisy activation), probes, table, figures",
+        description="Train the paper's 784-512-256-256-10 MLP variants (SGD + momentum, early stopping on a held-out "
+        "10k of the training set), measure eq. 5, net values and node correlations, write OUT/results.json "
+        "(after every run; --resume continues it) and PNGs, and print the table next to the paper's numbers.",
+    )
+    from .repro.models import MODELS
+
+    m.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)}")
+    m.add_argument("--seeds", type=_positive_int, default=1, help="seeds 0..N-1 per model (default 1; paper: 5)")
+    m.add_argument("--quick", action="store_true", help="5k/1k/2k subset, 3 epochs: a smoke run for CI")
+    m.add_argument("--out", metavar="DIR", help="output folder (default out/repro-mnist, or out/repro-mnist-quick)")
+    m.add_argument("--resume", action="store_true", help="continue OUT/results.json, skipping finished runs")
+    m.add_argument("--data-dir", metavar="DIR", help="MNIST root (torchvision layout; default $GAAF_DATA_DIR)")
+    t = m.add_argument_group("training (the paper does not give its own)")
+    t.add_argument("--max-epochs", type=_positive_int, help="default 200 (--quick: 3)")
+    t.add_argument("--patience", type=_positive_int, help="epochs without a better val loss (default 10; --quick: 2)")
+    t.add_argument("--lr", type=_positive_float, default=0.01, help="SGD learning rate (default 0.01)")
+    t.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
+    t.add_argument("--batch-size", type=_positive_int, default=128, help="default 128")
+    t.add_argument("--val-size", type=_positive_int, default=10_000, help="held-out training images (default 10000)")
+    t.add_argument("--saturation", type=_positive_float, default=2.0, help="tanh saturation bound |z| (default 2)")
+    r = m.add_argument_group("runtime")
+    r.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
+    r.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's choice)")
+    m.set_defaults(func=_cmd_repro)
+
+
+def _cmd_repro(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from .repro import mnist
+    from .repro.display import RichReporter, tables
+    from .repro.train import TrainConfig
+
+    quick = mnist.QUICK if args.quick else {}
+    train = TrainConfig(
+        lr=args.lr, momentum=args.momentum, batch_size=args.batch_size,
+        max_epochs=args.max_epochs or quick.get("max_epochs", 200), patience=args.patience or quick.get("patience", 10),
+    )  # fmt: skip
+    out = args.out or ("out/repro-mnist-quick" if args.quick else "out/repro-mnist")
+    cfg = mnist.StudyConfig(
+        out=Path(out), models=tuple(x.strip() for x in args.models.split(",") if x.strip()), seeds=args.seeds,
+        train=train, data_dir=args.data_dir, val_size=args.val_size, saturation=args.saturation, device=args.device,
+        threads=args.threads, resume=args.resume, quick=args.quick,
+        subset={k: quick[k] for k in ("train", "val", "test")} if quick else None,
+    )  # fmt: skip
+    console = Console(highlight=False)
+    if not console.is_terminal:  # a log file or a pipe: wide enough that the tables are not folded
+        console = Console(highlight=False, width=170)
+    start = time.perf_counter()
+    results = mnist.run_study(cfg, RichReporter(console))
+    for table in tables(results):
+        console.print(table)
+    figures = ", ".join(results["figures"]) or f"none ({results.get('figures_skipped', 'no finished run')})"
+    console.print(f"results: {cfg.out / mnist.RESULTS}; figures: {figures}", soft_wrap=True)
+    console.print(f"wall time {time.perf_counter() - start:.1f} s", soft_wrap=True)
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------------------- main
 
-_PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [_add_patch_parser, _add_finetune_parser]
+_PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_patch_parser,
+    _add_finetune_parser,
+    _add_repro_parser,
+]
 DEFAULT_COMMAND = "patch"
 
 
