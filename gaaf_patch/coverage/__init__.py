@@ -7,7 +7,7 @@ independently of the report, (c) a deterministic train-mode forward, (d) a worki
 :mod:`.sweep` (many, under time limits; totals), :mod:`.render` (table, markdown, JSON).
 """
 
-from .check import CHECKS, FAIL, PASS, SKIP, Result, check
+from .check import CHECKS, FAIL, PASS, SKIP, Result, check, check_model
 from .count import Leftover, RuntimeCounter, leftover_fx, leftover_modules
 from .render import console_table, markdown, to_json, totals_line
 from .sweep import DEFAULT_MAX_PARAMS, TARGET, Summary, summarize, sweep
@@ -18,6 +18,7 @@ __all__ = [
     "entries",
     "entry_for",
     "check",
+    "check_model",
     "sweep",
     "summarize",
     "Summary",

@@ -30,7 +30,7 @@ from ..passes import targets
 from ..report import report
 from . import count, zoo
 
-__all__ = ["Result", "check", "PASS", "FAIL", "SKIP"]
+__all__ = ["Result", "check", "check_model", "PASS", "FAIL", "SKIP"]
 
 PASS, FAIL, SKIP = "pass", "fail", "skip"
 CHECKS = ("a_exact", "b_complete", "c_deterministic", "d_backward", "e_state_dict")
@@ -130,8 +130,18 @@ def _droppath_held(model: nn.Module) -> Iterator[None]:
             m.training = True
 
 
+def _reference(model: nn.Module, x: Tensor) -> list[Tensor]:
+    """Run the unpatched model in train mode (it must take the input there too), then in eval mode: the reference.
+    Train first: its batch-norm updates then come before both eval forwards."""
+    with torch.no_grad():
+        model.train()
+        _forward(model, x, SEED)
+        model.eval()
+        return _forward(model, x, SEED)
+
+
 def _prepare(entry: zoo.Entry, size: int | None, result: Result) -> tuple[nn.Module, Tensor, list[Tensor]] | None:
-    """Build the model and run it unpatched (train, then eval: the reference); ``None`` if it does not run."""
+    """Build the model and run it unpatched; ``None`` (a skip, with the reason) if it does not run."""
     errors = []
     for s in [size, None] if size is not None else [None]:
         torch.manual_seed(SEED)
@@ -140,36 +150,44 @@ def _prepare(entry: zoo.Entry, size: int | None, result: Result) -> tuple[nn.Mod
         except Exception as e:  # noqa: BLE001 - any build failure is the model's, reported as a skip
             errors.append(f"build: {_one_line(e)}")
             continue
-        result.params = sum(p.numel() for p in model.parameters())
         x = torch.randn((BATCH, *shape), generator=torch.Generator().manual_seed(SEED))
         try:
-            with torch.no_grad():
-                model.train()
-                _forward(model, x, SEED)
-                model.eval()
-                ref = _forward(model, x, SEED)
+            ref = _reference(model, x)
         except Exception as e:  # noqa: BLE001
             errors.append(f"{list(shape)}: {_one_line(e)}")
             continue
-        result.input_size = list(shape)
         return model, x, ref
     result.status, result.reason = SKIP, "the unpatched model does not run: " + "; ".join(errors)
     return None
 
 
-def check(entry: zoo.Entry, size: int | None = 64, max_params: int | None = None) -> Result:
-    """Run checks (a)-(e) on ``entry`` (see the module docstring); never raises."""
+def _timed(result: Result, fn: Any, *args: Any) -> Result:
     t0 = time.perf_counter()
-    result = Result(entry.source, entry.family, entry.name)
     try:
-        _check(entry, size, max_params, result)
+        fn(*args, result)
     except Exception as e:  # noqa: BLE001 - a crash of the patched model is a failure with its reason
         result.status, result.reason = FAIL, result.reason or _one_line(e)
     result.seconds = time.perf_counter() - t0
     return result
 
 
-def _check(entry: zoo.Entry, size: int | None, max_params: int | None, result: Result) -> None:
+def check(entry: zoo.Entry, size: int | None = 64, max_params: int | None = None) -> Result:
+    """Build ``entry`` and run checks (a)-(e) on it (see the module docstring); never raises."""
+    return _timed(Result(entry.source, entry.family, entry.name), _check_entry, entry, size, max_params)
+
+
+def check_model(model: nn.Module, input_size: tuple[int, ...], name: str = "model") -> Result:
+    """Checks (a)-(e) on a model of your own (patched in place); ``input_size`` is per sample (``C, H, W``)."""
+    result = Result("user", "user", name)
+
+    def run(result: Result) -> None:
+        x = torch.randn((BATCH, *input_size), generator=torch.Generator().manual_seed(SEED))
+        _patch_and_verify(model, x, _reference(model, x), result)
+
+    return _timed(result, run)
+
+
+def _check_entry(entry: zoo.Entry, size: int | None, max_params: int | None, result: Result) -> None:
     if max_params is not None:
         n = zoo.meta_params(entry)
         if n is not None and n > max_params:
@@ -177,9 +195,13 @@ def _check(entry: zoo.Entry, size: int | None, max_params: int | None, result: R
             result.reason = f"too large for the default sweep ({n / 1e6:.0f}M > {max_params / 1e6:.0f}M parameters)"
             return
     prepared = _prepare(entry, size, result)
-    if prepared is None:
-        return
-    model, x, ref = prepared
+    if prepared is not None:
+        _patch_and_verify(*prepared, result)
+
+
+def _patch_and_verify(model: nn.Module, x: Tensor, ref: list[Tensor], result: Result) -> None:
+    result.params = sum(p.numel() for p in model.parameters())
+    result.input_size = list(x.shape[1:])
     keys = list(model.state_dict())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -194,22 +216,22 @@ def _check(entry: zoo.Entry, size: int | None, max_params: int | None, result: R
     with torch.no_grad():
         checks["a_exact"] = _same(_forward(model, x, SEED), ref)
 
-    result.leftover_modules = [x.to_dict() for x in count.leftover_modules(model, rep)]
+    result.leftover_modules = [o.to_dict() for o in count.leftover_modules(model, rep)]
     fx_left, result.fx_error = count.leftover_fx(model)
-    result.leftover_fx = None if fx_left is None else [x.to_dict() for x in fx_left]
+    result.leftover_fx = None if fx_left is None else [o.to_dict() for o in fx_left]
 
     model.train()
     xg = x.clone().requires_grad_(True)
     with count.RuntimeCounter(model, rep) as rc:
         out = _forward(model, xg, SEED + 1)
-    result.leftover_runtime = [x.to_dict() for x in rc.leftovers()]
-    floats = [o for o in out if o.is_floating_point() and o.requires_grad]
-    try:
-        sum(o.float().sum() for o in floats).backward()
-        checks["d_backward"] = bool(floats) and xg.grad is not None
-    except Exception as e:  # noqa: BLE001
-        checks["d_backward"] = False
-        result.reason = f"backward: {_one_line(e)}"
+        floats = [o for o in out if o.is_floating_point() and o.requires_grad]
+        try:
+            sum(o.float().sum() for o in floats).backward()
+            checks["d_backward"] = bool(floats) and xg.grad is not None
+        except Exception as e:  # noqa: BLE001
+            checks["d_backward"] = False
+            result.reason = f"backward: {_one_line(e)}"
+    result.leftover_runtime = [o.to_dict() for o in rc.leftovers()]
     with torch.no_grad(), _droppath_held(model):
         first = _forward(model, x, SEED + 2)
         checks["c_deterministic"] = _same(_forward(model, x, SEED + 3), first)

@@ -6,8 +6,8 @@
   ``F.relu``/``x.sigmoid()``/... nodes still in the graph. Many models defeat a whole-model trace (vgg11,
   mobilevit_xxs, ...); then this count is ``None`` and says why.
 - ``runtime``: the aten activation ops (``aten.relu``, ``aten.gelu``, ``aten.sigmoid``, ... in place or not) that
-  actually run during a forward, caught by a ``TorchDispatchMode``, outside any GAAF module (which runs the
-  original function on purpose). This reaches code no tracer does. Each op is attributed to the innermost module
+  actually run during a forward and backward, caught by a ``TorchDispatchMode``, outside GAAF (whose forward
+  runs the original function on purpose, and whose backward evaluates the shape). This reaches code no tracer does. Each op is attributed to the innermost module
   running it (global forward hooks keep the stack).
 
 Gates (a sigmoid-like output that multiplies a tensor, as in squeeze-excite) are left alone by
@@ -29,6 +29,7 @@ from torch import fx, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..modules import GAAF, StrippedDropout
+from ..ops import GAAFFunction
 from ..passes import targets
 
 __all__ = ["Leftover", "leftover_modules", "leftover_fx", "RuntimeCounter", "ACTIVATION_OPS"]
@@ -174,10 +175,19 @@ def leftover_fx(model: nn.Module) -> tuple[list[Leftover] | None, str]:
     return list(found.values()), ""
 
 
+_GAAF_BACKWARD = f"{GAAFFunction.__name__}Backward"
+
+
+def _in_gaaf_backward() -> bool:
+    node = torch._C._current_autograd_node()
+    return node is not None and node.name() == _GAAF_BACKWARD
+
+
 class RuntimeCounter(TorchDispatchMode):
     """Counts the aten activation ops that run outside GAAF modules, by innermost module name.
 
-    ``with RuntimeCounter(model, report) as rc: model(x)``; then ``rc.leftovers()``.
+    ``with RuntimeCounter(model, report) as rc: model(x).sum().backward()``; then ``rc.leftovers()``. GAAF's own
+    ops (its forward runs the original activation; its backward, ``sigmoid`` for ReLU's shape) are not counted.
     """
 
     def __init__(self, model: nn.Module, report: Any = None) -> None:
@@ -216,7 +226,7 @@ class RuntimeCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
         act = ACTIVATION_OPS.get(name[:-1] if name.endswith("_") else name)
-        if act is not None and not self._in_gaaf:
+        if act is not None and not self._in_gaaf and not _in_gaaf_backward():
             where = next((self._names[id(m)] for m in reversed(self._stack) if id(m) in self._names), "")
             self.counts[(where, act)] += 1
         return func(*args, **(kwargs or {}))

@@ -72,10 +72,10 @@ def is_builtin(module: nn.Module) -> bool:
     return mod.startswith("torch.nn.") or mod.startswith("gaaf_patch.") or fwd is nn.Module.forward
 
 
-def _default_args(module: nn.Module) -> tuple[dict[str, Any], int] | None:
+def _default_args(fn: Any) -> tuple[dict[str, Any], int] | None:
     """Concrete values for parameters with defaults, and the count of required positional parameters."""
     try:
-        sig = inspect.signature(module.forward)
+        sig = inspect.signature(fn)
     except (TypeError, ValueError):
         return None
     concrete, required = {}, 0
@@ -91,10 +91,23 @@ def _default_args(module: nn.Module) -> tuple[dict[str, Any], int] | None:
     return concrete, required
 
 
-def _trace(module: nn.Module, concrete: dict[str, Any]) -> fx.Graph:
+def _trace(module: nn.Module, concrete: dict[str, Any], method: str = "forward") -> fx.Graph:
+    """The graph of ``type(module).<method>``. Buffers are plain tensors to the tracer (what code computes from
+    them alone is evaluated while tracing) unless that fails: ``self.buf.expand(B, ...)`` with a traced ``B`` then
+    needs the buffer as a graph value, so a second try proxies buffers."""
     before = set(module.__dict__)
     try:
-        return _OwnCodeTracer().trace(module, concrete_args=concrete or None)
+        first: Exception | None = None
+        for proxy_buffers in (False, True):
+            tracer = _OwnCodeTracer()
+            tracer.traced_func_name = method  # fx traces type(module).<method> with the module as self
+            tracer.proxy_buffer_attributes = proxy_buffers
+            try:
+                return tracer.trace(module, concrete_args=concrete or None)
+            except Exception as e:  # noqa: BLE001 - retried once, then the first error is the one that explains
+                first = first or e
+        assert first is not None
+        raise first
     finally:
         # The tracer parks tensor constants on the module; they are copied back only if the module is rewritten.
         for key in set(module.__dict__) - before:
@@ -158,15 +171,17 @@ class Rewriter:
     ``_activation`` (to skip GAAF's own ops); keep both signatures stable.
     """
 
-    def __init__(self, ctx: Context, module: nn.Module, fqn: str) -> None:
+    def __init__(self, ctx: Context, module: nn.Module, fqn: str, method: str = "forward") -> None:
         self.ctx, self.module, self.fqn = ctx, module, fqn
+        self.prefix = "" if method == "forward" else f"{method}_"  # a helper method's sites: <fqn>.<method>_<node>
         self.stripped: dict[str, dict[str, Any]] = {}
         self.added: list[str] = []
         self.unreached: dict[str, dict[str, Any]] = {}
         self.changed = 0
 
     def site_name(self, node: fx.Node) -> str:
-        return f"{self.fqn}.{node.name}" if self.fqn else node.name
+        name = self.prefix + node.name
+        return f"{self.fqn}.{name}" if self.fqn else name
 
     def rewrite(self, graph: fx.Graph) -> int:
         n_changed = 0
@@ -215,7 +230,7 @@ class Rewriter:
                 "reason": "parameter computed at run time",
             }
             return 0
-        attr = f"gaaf_{node.name}"
+        attr = f"gaaf_{self.prefix}{node.name}"
         if attr not in self.module._modules:
             gaaf = self.ctx.make_gaaf(form.activation, act.params(params), Site(name, kind, label))
             self.module.add_module(attr, gaaf)
@@ -271,20 +286,30 @@ class Rewriter:
 
 
 class PatchedForward:
-    """The instance-level ``forward`` of a rewritten module: the traced code for the current mode.
+    """The instance-level ``forward`` of a rewritten module (or of a helper method, ``method``, when the forward
+    itself cannot be traced): the traced code for the current mode.
 
     Calls that pass arguments the trace did not see (a parameter with a default, given) run the original forward,
     with one warning: those calls are not patched, and we say so rather than guess.
     """
 
     def __init__(
-        self, module: nn.Module, fqn: str, codes: dict[bool, tuple[str, dict]], required: int, added, stripped
+        self,
+        module: nn.Module,
+        fqn: str,
+        codes: dict[bool, tuple[str, dict]],
+        required: int,
+        added,
+        stripped,
+        method: str = "forward",
     ):
-        self.module, self.fqn, self.required = module, fqn, required
+        self.module, self.fqn, self.required, self.method = module, fqn, required, method
         self.codes = codes
         self.added, self.stripped = list(added), list(stripped)
         self._compile()
         self._warned = False
+
+    method = "forward"  # instances pickled before helper methods were patched have no attribute of their own
 
     def _compile(self) -> None:
         from torch.fx.graph_module import _forward_from_src
@@ -297,11 +322,12 @@ class PatchedForward:
         if not self._warned:
             self._warned = True
             warnings.warn(
-                f"gaaf-patch: {self.fqn or type(self.module).__name__} was called with arguments its trace did not "
+                f"gaaf-patch: {self.fqn or type(self.module).__name__}"
+                f"{'' if self.method == 'forward' else '.' + self.method} was called with arguments its trace did not "
                 "see; its function-form GAAF sites run unpatched in such calls",
                 stacklevel=2,
             )
-        return type(self.module).forward(self.module, *args, **kwargs)
+        return getattr(type(self.module), self.method)(self.module, *args, **kwargs)
 
     def __getstate__(self) -> dict[str, Any]:
         # Generated code is not picklable; its source is. Modules in its globals travel by name.
@@ -335,13 +361,14 @@ def _python_code(graph: fx.Graph) -> tuple[str, dict]:
     return code.src, code.globals
 
 
-def _suspects(module: nn.Module) -> list[tuple[str, int]]:
-    """(name, line) of calls in the forward's source that may be activations or dropout."""
+def _suspects(module: nn.Module, method: str = "forward") -> list[tuple[str, int]]:
+    """(name, line) of calls in the method's source that may be activations or dropout."""
     try:
-        src = textwrap.dedent(inspect.getsource(type(module).forward))
-        lineno = inspect.getsourcelines(type(module).forward)[1]
+        fn = getattr(type(module), method)
+        src = textwrap.dedent(inspect.getsource(fn))
+        lineno = inspect.getsourcelines(fn)[1]
         tree = ast.parse(src)
-    except (OSError, TypeError, SyntaxError):
+    except (OSError, TypeError, SyntaxError, AttributeError):
         return []
     found = []
     for n in ast.walk(tree):
@@ -351,6 +378,23 @@ def _suspects(module: nn.Module) -> list[tuple[str, int]]:
             if name in targets.SUSPECT_NAMES:
                 found.append((name, lineno + n.lineno - 1))
     return found
+
+
+def _helpers(module: nn.Module, method: str) -> list[str]:
+    """The methods of the module's class that ``method`` calls as ``self.NAME(...)``, in order of appearance."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(getattr(type(module), method))))
+    except (OSError, TypeError, SyntaxError, AttributeError):
+        return []
+    names: list[str] = []
+    for n in ast.walk(tree):
+        f = getattr(n, "func", None) if isinstance(n, ast.Call) else None
+        if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and f.value.id == "self":
+            name = f.attr
+            is_method = isinstance(inspect.getattr_static(type(module), name, None), types.FunctionType)
+            if is_method and name not in names and name not in (method, "forward") and name not in module._modules:
+                names.append(name)
+    return names
 
 
 def run(ctx: Context) -> int:
@@ -364,25 +408,32 @@ def run(ctx: Context) -> int:
     return total
 
 
-def _patch_module(ctx: Context, module: nn.Module, fqn: str) -> int:
-    shape = _default_args(module)
+_HELPER_DEPTH = 2  # helper methods of an untraceable forward are traced on their own, down to this depth
+
+
+def _patch_module(ctx: Context, module: nn.Module, fqn: str, method: str = "forward", depth: int = 0) -> int:
+    """Trace ``method`` of ``module`` (in train and eval mode) and rewrite its sites. If it cannot be traced (data
+    dependent control flow, ...), the helper methods it calls are traced on their own: code that fx reaches there
+    is patched, and what remains in the untraceable code is reported as unreached."""
+    shape = _default_args(getattr(module, method))
     if shape is None:
-        _report_untraceable(ctx, module, fqn, "forward takes *args/**kwargs or keyword-only arguments")
-        return 0
+        why = f"{method} takes *args/**kwargs or keyword-only arguments"
+        return _patch_helpers(ctx, module, fqn, method, depth, why)
     concrete, required = shape
-    rewriter = Rewriter(ctx, module, fqn)
+    rewriter = Rewriter(ctx, module, fqn, method)
     graphs: dict[bool, fx.Graph] = {}
     was = module.training
     try:
         for mode in (was, not was):
             module.training = mode
-            graphs[mode] = _trace(module, concrete)
+            graphs[mode] = _trace(module, concrete, method)
     except Exception as e:  # noqa: BLE001 - any tracing failure makes this module a leaf, reported below
-        _report_untraceable(ctx, module, fqn, f"not traceable: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
-        return 0
+        why = f"not traceable: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        return _patch_helpers(ctx, module, fqn, method, depth, why)
     finally:
         module.training = was
-    ctx.traced.add(fqn)
+    if method == "forward":
+        ctx.traced.add(fqn)
     changed = {mode: rewriter.rewrite(g) for mode, g in graphs.items()}
     ctx.unreached.extend(rewriter.unreached.values())
     if not any(changed.values()):
@@ -393,28 +444,47 @@ def _patch_module(ctx: Context, module: nn.Module, fqn: str) -> int:
     codes = {mode: _python_code(g) for mode, g in graphs.items()}
     if codes[True][0] == codes[False][0]:
         codes = {True: codes[True], False: codes[True]}
-    module.forward = PatchedForward(module, fqn, codes, required, rewriter.added, rewriter.stripped.values())
+    module.__dict__[method] = PatchedForward(
+        module, fqn, codes, required, rewriter.added, rewriter.stripped.values(), method
+    )
     return max(changed.values())
 
 
-def _report_untraceable(ctx: Context, module: nn.Module, fqn: str, reason: str) -> None:
+def _patch_helpers(ctx: Context, module: nn.Module, fqn: str, method: str, depth: int, why: str) -> int:
+    """``method`` is untraceable: patch the helpers it calls; report the suspect calls in its own code."""
+    n = 0
+    if depth < _HELPER_DEPTH:
+        for helper in _helpers(module, method):
+            if not isinstance(module.__dict__.get(helper), PatchedForward):
+                n += _patch_module(ctx, module, fqn, helper, depth + 1)
+    _report_untraceable(ctx, module, fqn, why, method)
+    return n
+
+
+def _report_untraceable(ctx: Context, module: nn.Module, fqn: str, reason: str, method: str = "forward") -> None:
     relevant = (
         targets.SUSPECT_NAMES if ctx.config.strip_dropout else targets.SUSPECT_NAMES - {"dropout", "alpha_dropout"}
     )
-    for name, line in _suspects(module):
+    for name, line in _suspects(module, method):
         if name in relevant:
             ctx.unreach(f"{fqn}:{line}" if fqn else f"<root>:{line}", "function", name, reason)
 
 
+def patched_methods(module: nn.Module) -> list[PatchedForward]:
+    """The rewritten forward and helper methods of one module."""
+    return [v for v in module.__dict__.values() if isinstance(v, PatchedForward)]
+
+
 def unpatch(module: nn.Module) -> bool:
     """Undo :func:`run` on one module. Returns whether there was anything to undo."""
-    fwd = module.__dict__.get("forward")
-    if not isinstance(fwd, PatchedForward):
+    patched = patched_methods(module)
+    if not patched:
         return False
-    del module.__dict__["forward"]
-    for attr in fwd.added:
-        if isinstance(module._modules.get(attr), GAAF):
-            del module._modules[attr]
+    for fwd in patched:
+        del module.__dict__[fwd.method]
+        for attr in fwd.added:
+            if isinstance(module._modules.get(attr), GAAF):
+                del module._modules[attr]
     for key in [k for k in module.__dict__ if k.startswith("_tensor_constant")]:
         del module.__dict__[key]
     return True
