@@ -423,7 +423,9 @@ def _cmd_coverage(args: argparse.Namespace) -> int:
     )
     summary = cov.summarize(results)
     cov.console_table(results, summary)
-    command = " ".join([PROG, *sys.argv[1:]]) if sys.argv[1:2] == ["coverage"] else f"{PROG} coverage"
+    argv = sys.argv[1:] if sys.argv[1:2] == ["coverage"] else ["coverage"]
+    shown = [a for i, a in enumerate(argv) if a != "--json" and (i == 0 or argv[i - 1] != "--json")]
+    command = " ".join([PROG, *shown])  # as run; --json PATH left out (a scratch file, not part of the report)
     if args.json:
         Path(args.json).write_text(cov.to_json(results, summary, command))
     if args.markdown:
