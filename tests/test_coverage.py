@@ -4,6 +4,7 @@ a per-family sample of timm and torchvision models passes (the full per-family s
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -39,6 +40,25 @@ class _Untraceable(nn.Module):
         if x.sum() > -1e9:
             return torch.tanh(x)
         return x
+
+
+class _Helper(nn.Module):
+    """convit's GPSA in small: the forward cannot be traced (it branches on a traced shape), the helper method it
+    calls can, once the buffer it expands by a traced size is a graph value."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.register_buffer("pos", torch.randn(1, 6))
+
+    def forward(self, x):
+        if x.shape[0] > 0:
+            return self.mix(x)
+        return x
+
+    def mix(self, x):
+        pos = self.pos.expand(x.shape[0], -1)
+        return torch.sigmoid(self.fc(x)) + F.gelu(pos + x)
 
 
 class _Noisy(nn.Module):
@@ -110,6 +130,46 @@ def test_gate_in_code_is_reported_once():
     ]
 
 
+def test_untraceable_forward_has_its_helper_methods_patched():
+    """Regression (passes/functional.py): convit_tiny's GPSA.forward is untraceable and its activations sit in
+    get_attention, which the suspect scan of forward did not see: 20 sigmoids per model left silently."""
+    model = _Helper()
+    x = torch.randn(3, 6)
+    ref = model(x)
+    gaaf.patch(model)
+    rep = gaaf.report(model)
+    assert sorted(r["name"] for r in rep.replaced) == ["mix_gelu", "mix_sigmoid"] and not rep.unreached
+    assert "forward" not in model.__dict__ and "mix" in model.__dict__
+    assert torch.equal(model(x), ref)
+    model.pos.fill_(1.0)
+    patched = model(x)
+    gaaf.unpatch(model)
+    assert "mix" not in model.__dict__ and not any(isinstance(m, gaaf.GAAF) for m in model.modules())
+    assert torch.equal(patched, model(x))  # the buffer is read by the patched code, not frozen into it
+    assert cov.check_model(_Helper(), (6,)).status == cov.PASS
+
+
+class _BufferScaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.zeros(4))
+
+    def forward(self, x):
+        return F.relu(x) * self.scale.exp()
+
+
+def test_patched_code_reads_buffers_when_it_runs():
+    """Regression (passes/functional.py): ``self.scale.exp()`` was evaluated while tracing and frozen into the
+    rewritten forward, so a checkpoint loaded after patching was ignored there."""
+    model, x = _BufferScaled(), torch.randn(2, 4)
+    gaaf.patch(model)
+    assert len(gaaf.report(model).replaced) == 1
+    model.load_state_dict({"scale": torch.ones(4)})
+    patched = model(x)
+    gaaf.unpatch(model)
+    assert torch.equal(patched, model(x)) and torch.equal(patched, F.relu(x) * math.e)
+
+
 def test_check_model_passes_a_toy_and_reports_each_check():
     r = cov.check_model(_Toy(), (6,), "toy")
     assert r.status == cov.PASS, r.reason
@@ -162,6 +222,17 @@ def test_representative_is_the_cheapest_candidate():
         cov.entry_for("resnet_nonexistent")
 
 
+def test_parameter_counts_are_cached(tmp_path, monkeypatch):
+    fams, cache = {"resnet": ["resnet18", "test_resnet"]}, tmp_path / "sub" / "params.json"
+    assert zoo.representatives("timm", fams, cache=cache)[0].name == "test_resnet"
+    counts = json.loads(cache.read_text())
+    assert counts["resnet18"] == 11_689_512 and counts["test_resnet"] < 1_000_000
+    monkeypatch.setattr(zoo, "meta_params", lambda e: pytest.fail("counted again"))
+    assert zoo.representatives("timm", fams, cache=cache)[0].name == "test_resnet"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert zoo.cache_path("timm") == tmp_path / "gaaf-patch" / f"params-timm-{__import__('timm').__version__}.json"
+
+
 def test_too_large_is_a_skip_with_the_reason():
     r = cov.check(cov.entry_for("resnet50"), max_params=10_000_000)
     assert r.status == cov.SKIP and "too large for the default sweep (26M > 10M" in r.reason
@@ -170,15 +241,23 @@ def test_too_large_is_a_skip_with_the_reason():
 def test_fixed_size_models_are_built_small_and_others_fall_back_to_their_size():
     model, size = zoo.build(cov.entry_for("test_vit"), 48)
     assert size == (3, 48, 48) and model.patch_embed.img_size == (48, 48)
-    r = cov.check(cov.entry_for("tv:inception_v3"), size=32)  # rejects 32x32: checked at 299x299
-    assert r.status == cov.PASS and r.input_size == [3, 299, 299]
+    r = cov.check(cov.entry_for("efficientformer_l1"), size=32)  # rejects 32x32: checked at 224x224
+    assert r.status == cov.PASS and r.input_size == [3, 224, 224]
 
 
 # One model per family, none of them in test_models.py, each exercising another path: fixed-size ViTs built at
 # img_size (test_vit, swin), gates in code and modules (test_efficientnet, ghostnet, rexnet), functional activations
 # in user code (test_nfnet, test_byobnet), train-mode tuple outputs (levit), LSTM blocks (sequencer), dilated/hybrid
-# conv-attention (test_coatnet), torchvision's own layers (mnasnet, squeezenet, swin_t).
+# conv-attention (test_coatnet), an untraceable forward with traceable helper methods (convit), serial/parallel
+# blocks with factorized attention (coat), torchvision's own layers (mnasnet, squeezenet, swin_t).
 SAMPLE = [
+    "convit_tiny",
+    "coat_tiny",
+    "edgenext_xx_small",
+    "efficientvit_b0",
+    "fastvit_t8",
+    "cspnext_tiny",
+    "xcit_nano_12_p8_224",
     "test_vit",
     "test_efficientnet",
     "test_nfnet",

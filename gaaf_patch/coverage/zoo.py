@@ -4,7 +4,8 @@ A timm family is the module a model is defined in (``timm.list_modules()``: ``re
 ...); a torchvision family is its builder's module (``resnet``, ``swin_transformer``, ...). The default sweep takes
 one representative per family, the cheapest one: the registry has no parameter counts, so a few candidates picked
 by their names (``test_*``, ``atto`` < ``tiny`` < ``small`` < ``base``..., smaller numbers first) are built on the
-``meta`` device (no memory, no init cost) and the smallest by parameter count wins.
+``meta`` device (no memory, no init cost) and the smallest by parameter count wins (counts are cached per library
+version in ``~/.cache/gaaf-patch``).
 
 Models are built with random weights (``pretrained=False``, nothing is downloaded) at a small input size where the
 architecture allows one: ``img_size`` is passed to timm models built for a fixed size; if the unpatched model
@@ -13,9 +14,12 @@ rejects the small input, the sweep falls back to the size the model's config dec
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -99,22 +103,57 @@ def meta_params(entry: Entry) -> int | None:
         return None
 
 
-def representatives(source: str, families: dict[str, list[str]], candidates: int = CANDIDATES) -> list[Entry]:
-    """The cheapest model of each family: the ``candidates`` likeliest by name, compared by parameter count."""
+def cache_path(source: str) -> Path:
+    """Where parameter counts are kept between sweeps, per library version (``$XDG_CACHE_HOME/gaaf-patch``)."""
+    import importlib
+
+    version = importlib.import_module(source).__version__
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gaaf-patch"
+    return root / f"params-{source}-{version}.json"
+
+
+def _load(path: Path) -> dict[str, int | None]:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def representatives(
+    source: str, families: dict[str, list[str]], candidates: int = CANDIDATES, cache: Path | None = None
+) -> list[Entry]:
+    """The cheapest model of each family: the ``candidates`` likeliest by name, compared by parameter count.
+
+    Building ~600 models on the meta device takes minutes on a small machine; ``cache`` (a JSON file) keeps the
+    counts for the next sweep. A cache that cannot be written is only slower."""
+    known = _load(cache) if cache else {}
     reps = []
     for fam, names in sorted(families.items()):
         picks = sorted(names, key=_name_cost)[:candidates]
-        sized = [(meta_params(Entry(source, fam, n)), n) for n in picks]
-        best = min(sized, key=lambda s: (s[0] is None, s[0] or 0, _name_cost(s[1])))
-        reps.append(Entry(source, fam, best[1]))
+        for n in picks:
+            if n not in known:
+                known[n] = meta_params(Entry(source, fam, n))
+        best = min(picks, key=lambda n: (known[n] is None, known[n] or 0, _name_cost(n)))
+        reps.append(Entry(source, fam, best))
+    if cache:
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps(known, sort_keys=True))
+        except OSError:
+            pass
     return reps
 
 
 def entries(
-    all_models: bool = False, timm_zoo: bool = True, torchvision_zoo: bool = True, families: list[str] | None = None
+    all_models: bool = False,
+    timm_zoo: bool = True,
+    torchvision_zoo: bool = True,
+    families: list[str] | None = None,
+    cache: bool = True,
 ) -> list[Entry]:
     """The models a sweep checks: every model (``all_models``) or one per family; ``families`` narrows it down
-    (timm family names, ``tv:NAME`` for torchvision's)."""
+    (timm family names, ``tv:NAME`` for torchvision's). ``cache``: keep parameter counts in :func:`cache_path`."""
     out: list[Entry] = []
     for source, on, get in ((TIMM, timm_zoo, timm_families), (TORCHVISION, torchvision_zoo, torchvision_families)):
         if not on:
@@ -126,7 +165,7 @@ def entries(
         if all_models:
             out += [Entry(source, f, n) for f, ms in sorted(fams.items()) for n in ms]
         else:
-            out += representatives(source, fams)
+            out += representatives(source, fams, cache=cache_path(source) if cache else None)
     return out
 
 

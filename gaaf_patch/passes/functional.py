@@ -92,13 +92,14 @@ def _default_args(fn: Any) -> tuple[dict[str, Any], int] | None:
 
 
 def _trace(module: nn.Module, concrete: dict[str, Any], method: str = "forward") -> fx.Graph:
-    """The graph of ``type(module).<method>``. Buffers are plain tensors to the tracer (what code computes from
-    them alone is evaluated while tracing) unless that fails: ``self.buf.expand(B, ...)`` with a traced ``B`` then
-    needs the buffer as a graph value, so a second try proxies buffers."""
+    """The graph of ``type(module).<method>``. Buffers are graph values (``get_attr``), so the rewritten code reads
+    them when it runs: ``self.scale.exp()`` folded into a constant at trace time would ignore a later
+    ``load_state_dict``. Code that branches on a buffer cannot be traced that way; a second try takes buffers as
+    plain tensors (what is computed from them alone is then fixed at trace time, as plain ``fx`` does)."""
     before = set(module.__dict__)
     try:
         first: Exception | None = None
-        for proxy_buffers in (False, True):
+        for proxy_buffers in (True, False):
             tracer = _OwnCodeTracer()
             tracer.traced_func_name = method  # fx traces type(module).<method> with the module as self
             tracer.proxy_buffer_attributes = proxy_buffers
