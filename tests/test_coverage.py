@@ -298,6 +298,8 @@ def test_cli_coverage_errors_are_one_line(capsys):
     assert main(["coverage", "--models", "no_such_model"]) == 2
     assert "no timm model 'no_such_model'" in capsys.readouterr().err
     assert main(["coverage", "--json", "/no/such/dir/x.json"]) == 2
+    assert main(["coverage", "--families", "resnet,no_such_family", "--no-torchvision"]) == 2
+    assert "unknown family no_such_family" in capsys.readouterr().err
 
 
 def test_worker_time_limit():

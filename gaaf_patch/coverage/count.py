@@ -162,12 +162,8 @@ def leftover_fx(model: nn.Module) -> tuple[list[Leftover] | None, str]:
             graph = _WholeTracer().trace(_Root(model))
             for node in graph.nodes:
                 act = _node_activation(node)
-                if act is not None:
-                    where = str(node.meta.get("stack_trace") or "").strip().splitlines()[-1:] or [node.name]
-                    key = f"{node.name}@{mode}"
-                    found[key] = Leftover(
-                        f"{node.name} ({where[0].strip()})", act, act in _GATE_LIKE and _reaches_mul(node)
-                    )
+                if act is not None:  # node names follow the module path: blocks_0_attn_sigmoid
+                    found[f"{node.name}@{mode}"] = Leftover(node.name, act, act in _GATE_LIKE and _reaches_mul(node))
     except Exception as e:  # noqa: BLE001 - whole-model fx fails on many models; the per-module passes do not
         return None, f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"
     finally:

@@ -155,21 +155,34 @@ def entries(
     """The models a sweep checks: every model (``all_models``) or one per family; ``families`` narrows it down
     (timm family names, ``tv:NAME`` for torchvision's). ``cache``: keep parameter counts in :func:`cache_path`."""
     out: list[Entry] = []
+    seen: set[str] = set()
     for source, on, get in ((TIMM, timm_zoo, timm_families), (TORCHVISION, torchvision_zoo, torchvision_families)):
         if not on:
             continue
         fams = get()
+        prefix = "tv:" if source == TORCHVISION else ""
+        seen |= {prefix + f for f in fams}
         if families is not None:
-            prefix = "tv:" if source == TORCHVISION else ""
             fams = {f: ms for f, ms in fams.items() if prefix + f in families}
         if all_models:
             out += [Entry(source, f, n) for f, ms in sorted(fams.items()) for n in ms]
         else:
             out += representatives(source, fams, cache=cache_path(source) if cache else None)
+    unknown = sorted(set(families or ()) - seen)
+    if unknown:
+        raise ValueError(
+            f"unknown famil{'ies' if len(unknown) > 1 else 'y'} {', '.join(unknown)}; see timm.list_modules()"
+        )
     return out
 
 
 def _construct(entry: Entry, kwargs: dict[str, Any]) -> nn.Module:
+    with warnings.catch_warnings():  # torchvision's notes on its init defaults, timm's deprecations: not ours
+        warnings.simplefilter("ignore")
+        return _construct_noisy(entry, kwargs)
+
+
+def _construct_noisy(entry: Entry, kwargs: dict[str, Any]) -> nn.Module:
     if entry.source == TIMM:
         import timm
 
