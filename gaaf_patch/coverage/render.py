@@ -139,9 +139,11 @@ def markdown(results: Sequence[Result], summary: Summary, command: str) -> str:
         "checked: **a** eval outputs bit-identical to the unpatched model; **b** no activation left: nothing "
         "unreached in the report, and no activation counted independently of the report (modules of activation "
         "classes, `F.*`/method nodes of a whole-model fx trace where the model traces, aten activation ops run "
-        "outside GAAF during a train-mode forward), gates (a sigmoid multiplying a tensor, left alone on purpose) "
-        "excepted; **c** train-mode forward deterministic after stripping; **d** a backward pass runs; "
-        "**e** `state_dict` keys unchanged. See gaaf_patch/coverage/ for the details.",
+        "outside GAAF during a train-mode forward and backward), gates (a sigmoid multiplying a tensor, left alone "
+        "on purpose, listed in the report) excepted; **c** train-mode forward deterministic after stripping "
+        "(drop-path, which `strip_dropout` keeps, held in eval mode); **d** a backward pass runs and reaches the "
+        "input; **e** `state_dict` keys unchanged. Inputs are `--size` square (64 by default) where the model "
+        "allows it, else its own size. See gaaf_patch/coverage/ for the details.",
         "",
         "## Totals",
         "",
