@@ -3,6 +3,7 @@ a per-family sample of timm and torchvision models passes (the full per-family s
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -59,6 +60,24 @@ class _Helper(nn.Module):
     def mix(self, x):
         pos = self.pos.expand(x.shape[0], -1)
         return torch.sigmoid(self.fc(x)) + F.gelu(pos + x)
+
+
+class _Branchy(nn.Module):
+    """timm's BilinearAttnTransform in small: the forward's own activations are traceable, but a helper it calls
+    branches on a traced size, so the forward as a whole is not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, x):
+        p = torch.sigmoid(self.fc(x))
+        return F.relu(self.grow(p, x.shape[0]) - 0.5)
+
+    def grow(self, p, t: int):
+        if t <= 1:
+            return p
+        return p * t
 
 
 class _Noisy(nn.Module):
@@ -168,6 +187,21 @@ def test_patched_code_reads_buffers_when_it_runs():
     patched = model(x)
     gaaf.unpatch(model)
     assert torch.equal(patched, model(x)) and torch.equal(patched, F.relu(x) * math.e)
+
+
+def test_forward_is_traced_with_untraceable_helpers_opaque():
+    """Regression (passes/functional.py): bat_resnext26ts's BilinearAttnTransform.forward fails to trace inside
+    resize_mat, so its two sigmoids were left unpatched (reported unreached)."""
+    model, x, x1 = _Branchy(), torch.randn(3, 6), torch.randn(1, 6)
+    ref, ref1 = model(x), model(x1)
+    gaaf.patch(model)
+    rep = gaaf.report(model)
+    assert sorted(r["name"] for r in rep.replaced) == ["relu", "sigmoid"] and not rep.unreached
+    assert model._gaaf_self is model and "_gaaf_self" not in dict(model.named_modules())
+    assert torch.equal(model(x), ref) and torch.equal(model(x1), ref1)  # the helper still branches at run time
+    assert cov.check_model(copy.deepcopy(model), (6,)).status == cov.PASS
+    gaaf.unpatch(model)
+    assert not {"_gaaf_self", "forward"} & set(model.__dict__)
 
 
 def test_check_model_passes_a_toy_and_reports_each_check():

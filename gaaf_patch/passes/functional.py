@@ -91,7 +91,28 @@ def _default_args(fn: Any) -> tuple[dict[str, Any], int] | None:
     return concrete, required
 
 
-def _trace(module: nn.Module, concrete: dict[str, Any], method: str = "forward") -> fx.Graph:
+SELF_ATTR = "_gaaf_self"  # a rewritten module's reference to itself: its code calls opaque helpers through it
+
+
+class _Opaque:
+    """Stands for a helper method while its caller is traced: a call with traced arguments becomes one node,
+    ``self._gaaf_self.<name>(...)``, that runs the helper for real (its own control flow included) when the
+    rewritten code runs; a call with plain values runs it at once."""
+
+    def __init__(self, tracer: fx.Tracer, module: nn.Module, name: str, real: Any) -> None:
+        self.tracer, self.module, self.name, self.real = tracer, module, name, real
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+        if not any(isinstance(a, fx.Proxy) for a in leaves):
+            return self.real(*args, **kwargs)
+        me = self.tracer.create_proxy("get_attr", SELF_ATTR, (), {})
+        return self.tracer.create_proxy("call_method", self.name, (me, *args), kwargs)
+
+
+def _trace(
+    module: nn.Module, concrete: dict[str, Any], method: str = "forward", opaque: tuple[str, ...] = ()
+) -> fx.Graph:
     """The graph of ``type(module).<method>``. Buffers are graph values (``get_attr``), so the rewritten code reads
     them when it runs: ``self.scale.exp()`` folded into a constant at trace time would ignore a later
     ``load_state_dict``. Code that branches on a buffer cannot be traced that way; a second try takes buffers as
@@ -103,10 +124,19 @@ def _trace(module: nn.Module, concrete: dict[str, Any], method: str = "forward")
             tracer = _OwnCodeTracer()
             tracer.traced_func_name = method  # fx traces type(module).<method> with the module as self
             tracer.proxy_buffer_attributes = proxy_buffers
+            saved = {name: module.__dict__.get(name) for name in opaque}
+            for name in opaque:
+                module.__dict__[name] = _Opaque(tracer, module, name, getattr(module, name))
             try:
                 return tracer.trace(module, concrete_args=concrete or None)
             except Exception as e:  # noqa: BLE001 - retried once, then the first error is the one that explains
                 first = first or e
+            finally:
+                for name, value in saved.items():
+                    if value is None:
+                        del module.__dict__[name]
+                    else:
+                        module.__dict__[name] = value
         assert first is not None
         raise first
     finally:
@@ -413,28 +443,58 @@ _HELPER_DEPTH = 2  # helper methods of an untraceable forward are traced on thei
 
 
 def _patch_module(ctx: Context, module: nn.Module, fqn: str, method: str = "forward", depth: int = 0) -> int:
-    """Trace ``method`` of ``module`` (in train and eval mode) and rewrite its sites. If it cannot be traced (data
-    dependent control flow, ...), the helper methods it calls are traced on their own: code that fx reaches there
-    is patched, and what remains in the untraceable code is reported as unreached."""
+    """Trace ``method`` of ``module`` (in train and eval mode) and rewrite its sites.
+
+    If it cannot be traced (control flow on traced values, often inside a helper such as timm's
+    ``BilinearAttnTransform.resize_mat``), each helper method it calls is traced on its own, then ``method`` is
+    traced again with its helpers opaque (called as they are when the code runs). What still cannot be traced is
+    reported as unreached."""
     shape = _default_args(getattr(module, method))
     if shape is None:
-        why = f"{method} takes *args/**kwargs or keyword-only arguments"
-        return _patch_helpers(ctx, module, fqn, method, depth, why)
+        _report_untraceable(ctx, module, fqn, f"{method} takes *args/**kwargs or keyword-only arguments", method)
+        return 0
     concrete, required = shape
-    rewriter = Rewriter(ctx, module, fqn, method)
+    try:
+        graphs = _trace_modes(module, concrete, method)
+    except Exception as e:  # noqa: BLE001 - any tracing failure: helpers first, then the method with helpers opaque
+        why = f"not traceable: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        helpers = _helpers(module, method) if depth < _HELPER_DEPTH else []
+        n = sum(
+            _patch_module(ctx, module, fqn, h, depth + 1)
+            for h in helpers
+            if not isinstance(module.__dict__.get(h), PatchedForward)
+        )
+        try:
+            if not helpers:
+                raise
+            graphs = _trace_modes(module, concrete, method, tuple(helpers))
+        except Exception:  # noqa: BLE001
+            _report_untraceable(ctx, module, fqn, why, method)
+            return n
+        return n + _rewrite(ctx, module, fqn, method, graphs, required)
+    return _rewrite(ctx, module, fqn, method, graphs, required)
+
+
+def _trace_modes(
+    module: nn.Module, concrete: dict[str, Any], method: str, opaque: tuple[str, ...] = ()
+) -> dict[bool, fx.Graph]:
     graphs: dict[bool, fx.Graph] = {}
     was = module.training
     try:
         for mode in (was, not was):
             module.training = mode
-            graphs[mode] = _trace(module, concrete, method)
-    except Exception as e:  # noqa: BLE001 - any tracing failure makes this module a leaf, reported below
-        why = f"not traceable: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
-        return _patch_helpers(ctx, module, fqn, method, depth, why)
+            graphs[mode] = _trace(module, concrete, method, opaque)
     finally:
         module.training = was
+    return graphs
+
+
+def _rewrite(
+    ctx: Context, module: nn.Module, fqn: str, method: str, graphs: dict[bool, fx.Graph], required: int
+) -> int:
     if method == "forward":
         ctx.traced.add(fqn)
+    rewriter = Rewriter(ctx, module, fqn, method)
     changed = {mode: rewriter.rewrite(g) for mode, g in graphs.items()}
     ctx.unreached.extend(rewriter.unreached.values())
     if not any(changed.values()):
@@ -442,6 +502,8 @@ def _patch_module(ctx: Context, module: nn.Module, fqn: str, method: str = "forw
         return 0
     for key, value in module.__dict__.pop("_gaaf_constants", {}).items():
         module.__dict__[key] = value
+    if any(n.op == "get_attr" and n.target == SELF_ATTR for g in graphs.values() for n in g.nodes):
+        module.__dict__[SELF_ATTR] = module  # not a child: the module tree and state_dict do not change
     codes = {mode: _python_code(g) for mode, g in graphs.items()}
     if codes[True][0] == codes[False][0]:
         codes = {True: codes[True], False: codes[True]}
@@ -449,17 +511,6 @@ def _patch_module(ctx: Context, module: nn.Module, fqn: str, method: str = "forw
         module, fqn, codes, required, rewriter.added, rewriter.stripped.values(), method
     )
     return max(changed.values())
-
-
-def _patch_helpers(ctx: Context, module: nn.Module, fqn: str, method: str, depth: int, why: str) -> int:
-    """``method`` is untraceable: patch the helpers it calls; report the suspect calls in its own code."""
-    n = 0
-    if depth < _HELPER_DEPTH:
-        for helper in _helpers(module, method):
-            if not isinstance(module.__dict__.get(helper), PatchedForward):
-                n += _patch_module(ctx, module, fqn, helper, depth + 1)
-    _report_untraceable(ctx, module, fqn, why, method)
-    return n
 
 
 def _report_untraceable(ctx: Context, module: nn.Module, fqn: str, reason: str, method: str = "forward") -> None:
@@ -486,6 +537,6 @@ def unpatch(module: nn.Module) -> bool:
         for attr in fwd.added:
             if isinstance(module._modules.get(attr), GAAF):
                 del module._modules[attr]
-    for key in [k for k in module.__dict__ if k.startswith("_tensor_constant")]:
+    for key in [k for k in module.__dict__ if k.startswith("_tensor_constant") or k == SELF_ATTR]:
         del module.__dict__[key]
     return True
