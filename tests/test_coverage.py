@@ -269,7 +269,9 @@ def test_parameter_counts_are_cached(tmp_path, monkeypatch):
 
 def test_too_large_is_a_skip_with_the_reason():
     r = cov.check(cov.entry_for("resnet50"), max_params=10_000_000)
-    assert r.status == cov.SKIP and "too large for the default sweep (26M > 10M" in r.reason
+    assert r.status == cov.SKIP and r.reason == "too large for this sweep (26M > 10M parameters)"
+    r = cov.check(cov.entry_for("deepseek_vit_412m"), max_params=cov.DEFAULT_MAX_PARAMS)
+    assert r.status == cov.SKIP and r.reason == "too large for the default sweep (412M > 200M parameters)"
 
 
 def test_fixed_size_models_are_built_small_and_others_fall_back_to_their_size():

@@ -36,6 +36,7 @@ PASS, FAIL, SKIP = "pass", "fail", "skip"
 CHECKS = ("a_exact", "b_complete", "c_deterministic", "d_backward", "e_state_dict")
 SEED = 0
 BATCH = 2
+DEFAULT_MAX_PARAMS = 200_000_000  # the default sweep skips models larger than this (listed, not failures)
 
 
 @dataclass
@@ -192,7 +193,8 @@ def _check_entry(entry: zoo.Entry, size: int | None, max_params: int | None, res
         n = zoo.meta_params(entry)
         if n is not None and n > max_params:
             result.params, result.status = n, SKIP
-            result.reason = f"too large for the default sweep ({n / 1e6:.0f}M > {max_params / 1e6:.0f}M parameters)"
+            which = "the default sweep" if max_params == DEFAULT_MAX_PARAMS else "this sweep"
+            result.reason = f"too large for {which} ({n / 1e6:.0f}M > {max_params / 1e6:.0f}M parameters)"
             return
     prepared = _prepare(entry, size, result)
     if prepared is not None:

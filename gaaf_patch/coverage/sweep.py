@@ -20,13 +20,12 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from .check import FAIL, PASS, SKIP, Result, check
+from .check import DEFAULT_MAX_PARAMS, FAIL, PASS, SKIP, Result, check
 from .zoo import Entry
 
 __all__ = ["sweep", "Summary", "summarize", "TARGET", "DEFAULT_MAX_PARAMS"]
 
 TARGET = 0.98
-DEFAULT_MAX_PARAMS = 200_000_000  # the default sweep skips models larger than this (listed, not failures)
 _STARTUP_S = 180.0  # a fresh worker imports torch, torchvision and timm
 
 
