@@ -204,6 +204,31 @@ def test_forward_is_traced_with_untraceable_helpers_opaque():
     assert not {"_gaaf_self", "forward"} & set(model.__dict__)
 
 
+class StarReLU(nn.Module):
+    """metaformer's StarReLU, ``s * relu(x) ** 2 + b``: an activation-looking class whose ReLU is a child."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.relu = nn.ReLU()
+        self.scale, self.bias = nn.Parameter(torch.ones(1)), nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        return self.scale * self.relu(x) ** 2 + self.bias
+
+
+def test_activation_lookalike_with_a_patched_child_is_not_unreached():
+    """Regression (passes/swap.py): the walk reaches StarReLU before its child ReLU is replaced, so every
+    caformer/convformer model reported each StarReLU as unreached ("no GAAF form for this class")."""
+    model = nn.Sequential(nn.Linear(4, 4), StarReLU())
+    gaaf.patch(model)
+    rep = gaaf.report(model)
+    assert [r["name"] for r in rep.replaced] == ["1.relu"] and rep.unreached == []
+    lone = nn.Sequential(nn.Linear(4, 4), nn.PReLU())  # a lookalike with nothing inside stays reported
+    with pytest.warns(UserWarning, match="could not be patched"):
+        gaaf.patch(lone)
+    assert [u["target"] for u in gaaf.report(lone).unreached] == ["PReLU"]
+
+
 def test_check_model_passes_a_toy_and_reports_each_check():
     r = cov.check_model(_Toy(), (6,), "toy")
     assert r.status == cov.PASS, r.reason
