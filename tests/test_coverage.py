@@ -363,9 +363,12 @@ def test_cli_coverage_errors_are_one_line(capsys):
     assert "unknown family no_such_family" in capsys.readouterr().err
 
 
-def test_worker_time_limit():
-    (r,) = cov.sweep([cov.entry_for("test_resnet")], timeout=0.01)
-    assert r.status == cov.FAIL and r.reason == "time limit: over 0.01 s"
+def test_worker_time_limit_two_jobs():
+    models = [cov.entry_for("test_resnet"), cov.entry_for("test_vit")]
+    seen = []
+    results = cov.sweep(models, timeout=0.01, jobs=2, on_result=seen.append)
+    assert [r.name for r in results] == ["test_resnet", "test_vit"] and len(seen) == 2  # in order, each reported
+    assert all(r.status == cov.FAIL and r.reason == "time limit: over 0.01 s" for r in results)
 
 
 @pytest.mark.slow

@@ -98,6 +98,8 @@ def sweep(
     todo = deque(enumerate(models))
     slots: list[_Slot] = []
     try:
+        # Start the workers before handing out work: a limit must not count another worker's start-up.
+        slots += [_start(ctx, threads) for _ in range(min(jobs, len(models)))]
         while todo or any(s.entry for s in slots):
             while todo and (len(slots) < jobs or any(s.entry is None for s in slots)):
                 slot = next((s for s in slots if s.entry is None), None)
