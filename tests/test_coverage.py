@@ -250,6 +250,28 @@ def test_runtime_count_reaches_code_no_tracer_does():
     assert r.checks["a_exact"] and r.checks["c_deterministic"] and r.checks["d_backward"]
 
 
+def test_dynamo_backend_is_the_last_resort_for_unreached_code():
+    """What no fx trace reaches (an activation inline in a forward that branches on data) is reported unreached;
+    compiling the patched model with the gaaf backend patches it: the gradient becomes GAAF's."""
+    from gaaf_patch.backend import GAAFBackend
+
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(6, 6), _Untraceable()), torch.randn(4, 6)
+    with pytest.warns(UserWarning, match="could not be patched"):
+        gaaf.patch(model)
+
+    def input_grad(f):
+        xi = x.clone().requires_grad_()
+        f(xi).sum().backward()
+        return xi.grad
+
+    plain = input_grad(lambda z: torch.tanh(model[0](z)))
+    assert torch.equal(input_grad(model), plain)  # unreached: still tanh's own gradient
+    compiled = input_grad(torch.compile(model, backend=GAAFBackend(inner="eager")))
+    torch.testing.assert_close(compiled, input_grad(lambda z: gaaf.GAAF("tanh")(model[0](z))), rtol=0, atol=0)
+    assert not torch.allclose(compiled, plain)
+
+
 def test_randomness_other_than_dropout_fails_check_c():
     r = cov.check_model(_Noisy(), (6,))
     assert r.status == cov.FAIL and r.checks["c_deterministic"] is False
