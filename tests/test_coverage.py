@@ -297,6 +297,8 @@ def test_representative_is_the_cheapest_candidate():
     (rep,) = zoo.representatives("timm", fams)
     assert rep == cov.Entry("timm", "resnet", "test_resnet")
     assert zoo._name_cost("convnext_atto") < zoo._name_cost("convnext_tiny") < zoo._name_cost("convnext_base")
+    # torchvision: every model of the family compared, by its weights' metadata (regnets do not build on meta)
+    assert cov.entries(timm_zoo=False, families=["tv:regnet"], cache=False)[0].name == "regnet_y_400mf"
     assert cov.entry_for("tv:resnet18") == cov.Entry("torchvision", "resnet", "resnet18")
     assert cov.entry_for("resnet18").family_id == "resnet" and cov.entry_for("tv:vgg11").family_id == "tv:vgg"
     with pytest.raises(ValueError, match="no timm model"):

@@ -93,7 +93,15 @@ def _name_cost(name: str) -> tuple:
 
 
 def meta_params(entry: Entry) -> int | None:
-    """Parameter count of ``entry`` built on the meta device (no memory, no init); ``None`` if that fails."""
+    """Parameter count of ``entry``: torchvision's weights metadata says it; a timm model is built on the meta
+    device (no memory, no init). ``None`` if that fails."""
+    if entry.source == TORCHVISION:
+        try:
+            import torchvision
+
+            return int(torchvision.models.get_model_weights(entry.name).DEFAULT.meta["num_params"])
+        except Exception:  # noqa: BLE001 - a model without weights metadata: build it on the meta device
+            pass
     try:
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -167,7 +175,9 @@ def entries(
         if all_models:
             out += [Entry(source, f, n) for f, ms in sorted(fams.items()) for n in ms]
         else:
-            out += representatives(source, fams, cache=cache_path(source) if cache else None)
+            # torchvision's families are small (15 models at most): count them all, names mislead (regnet_x_8gf)
+            n = CANDIDATES if source == TIMM else max(map(len, fams.values()), default=0)
+            out += representatives(source, fams, n, cache=cache_path(source) if cache else None)
     unknown = sorted(set(families or ()) - seen)
     if unknown:
         raise ValueError(
