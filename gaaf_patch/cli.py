@@ -593,12 +593,87 @@ def _cmd_repro(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------------ `coverage`
+
+
+def _add_coverage_parser(sub: argparse._SubParsersAction) -> None:
+    from .coverage import DEFAULT_MAX_PARAMS, TARGET
+
+    p = sub.add_parser(
+        "coverage",
+        help="patch one model per timm/torchvision family (--all: every model) and check each patch",
+        description="Build each model with random weights, patch it with strip_dropout=True and check: (a) eval "
+        "output bit-identical, (b) no activation left (counted independently of the report), (c) train-mode forward "
+        "deterministic, (d) backward runs, (e) state_dict keys unchanged. Exit code 0 when at least "
+        f"{TARGET:.0%} of the families pass, 1 otherwise.",
+    )
+    p.add_argument("--all", dest="all_models", action="store_true", help="every model, not one per family")
+    p.add_argument("--models", type=lambda t: [m for m in t.split(",") if m], metavar="A,B",
+                   help="only these models (timm names, tv:NAME)")  # fmt: skip
+    p.add_argument("--families", type=lambda t: [m for m in t.split(",") if m], metavar="F,G",
+                   help="only these families (timm module names, tv:NAME for torchvision's)")  # fmt: skip
+    p.add_argument("--no-timm", dest="timm_zoo", action="store_false", help="leave timm's models out")
+    p.add_argument("--no-torchvision", dest="torchvision_zoo", action="store_false", help="leave torchvision out")
+    p.add_argument("--size", type=_positive_int, default=64, help="input height and width where the model allows it")
+    p.add_argument("--max-params", type=float, default=None, metavar="N",
+                   help=f"skip larger models (default {DEFAULT_MAX_PARAMS:.0e}; none with --all)")  # fmt: skip
+    p.add_argument("--timeout", type=float, default=300.0, metavar="S", help="per-model time limit (0: none, inline)")
+    p.add_argument("--jobs", type=_positive_int, default=1, help="models checked side by side (worker processes)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch threads per worker")
+    p.add_argument("--json", metavar="PATH", help="write every result and the totals as JSON")
+    p.add_argument("--markdown", metavar="PATH", help="write the report as markdown (docs/coverage.md)")
+    p.set_defaults(func=_cmd_coverage)
+
+
+def _cmd_coverage(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from . import coverage as cov
+
+    for path in (args.json, args.markdown):
+        if path and not Path(path).resolve().parent.is_dir():
+            raise UsageError(f"{path}: no such directory {Path(path).resolve().parent}")
+    if args.models:
+        models = [cov.entry_for(m) for m in args.models]
+    else:
+        models = cov.entries(args.all_models, args.timm_zoo, args.torchvision_zoo, args.families)
+    if not models:
+        raise UsageError("no model matches the selection")
+    max_params = args.max_params if args.max_params is not None else None if args.all_models else cov.DEFAULT_MAX_PARAMS
+    console = Console(highlight=False, stderr=True)
+
+    def progress(r: Any) -> None:
+        mark = {"pass": "[green]pass[/]", "fail": "[red]FAIL[/]", "skip": "[dim]skip[/]"}[r.status]
+        console.print(f"{mark} {r.family_id}/{r.name} {r.seconds:.1f}s {r.reason[:150]}", soft_wrap=True, markup=True)
+
+    results = cov.sweep(
+        models,
+        size=args.size,
+        max_params=int(max_params) if max_params else None,
+        timeout=args.timeout or None,
+        jobs=args.jobs,
+        threads=args.threads,
+        on_result=progress,
+    )
+    summary = cov.summarize(results)
+    cov.console_table(results, summary)
+    argv = sys.argv[1:] if sys.argv[1:2] == ["coverage"] else ["coverage"]
+    shown = [a for i, a in enumerate(argv) if a != "--json" and (i == 0 or argv[i - 1] != "--json")]
+    command = " ".join([PROG, *shown])  # as run; --json PATH left out (a scratch file, not part of the report)
+    if args.json:
+        Path(args.json).write_text(cov.to_json(results, summary, command))
+    if args.markdown:
+        Path(args.markdown).write_text(cov.markdown(results, summary, command))
+    return 0 if summary.met else 1
+
+
 # ----------------------------------------------------------------------------------------------------------- main
 
 _PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_patch_parser,
     _add_finetune_parser,
     _add_repro_parser,
+    _add_coverage_parser,
 ]
 DEFAULT_COMMAND = "patch"
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from .modules import GAAF, StrippedDropout
 from .passes.context import RECORD_ATTR
-from .passes.functional import PatchedForward
+from .passes.functional import patched_methods
 
 __all__ = ["Report", "report"]
 
@@ -63,8 +63,7 @@ def report(model: nn.Module) -> Report:
             rep.replaced.append(module.describe())
         elif isinstance(module, StrippedDropout):
             rep.stripped.append(module.describe())
-        fwd = module.__dict__.get("forward")
-        if isinstance(fwd, PatchedForward):
+        for fwd in patched_methods(module):
             rep.stripped.extend(fwd.stripped)
     record = model.__dict__.get(RECORD_ATTR)
     if record is not None:

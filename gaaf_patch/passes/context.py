@@ -54,7 +54,8 @@ class Context:
     def decide(self, activation: str, name: str, is_gate: bool, module: nn.Module) -> bool:
         """Whether to patch an activation site; a gate left alone is recorded in ``skipped``."""
         if not self.config.wants(activation, is_gate):
-            if is_gate and activation in _acts.ACTIVATIONS:
+            # A module's train and eval graphs both hold the site: one entry.
+            if is_gate and activation in _acts.ACTIVATIONS and all(s["name"] != name for s in self.skipped):
                 self.skipped.append({"name": name, "activation": activation, "reason": "gate (output multiplies)"})
             return False
         return self.allowed(module, name)

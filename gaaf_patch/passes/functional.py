@@ -73,10 +73,10 @@ def is_builtin(module: nn.Module) -> bool:
     return mod.startswith("torch.nn.") or mod.startswith("gaaf_patch.") or fwd is nn.Module.forward
 
 
-def _default_args(module: nn.Module) -> tuple[dict[str, Any], int] | None:
+def _default_args(fn: Any) -> tuple[dict[str, Any], int] | None:
     """Concrete values for parameters with defaults, and the count of required positional parameters."""
     try:
-        sig = inspect.signature(module.forward)
+        sig = inspect.signature(fn)
     except (TypeError, ValueError):
         return None
     concrete, required = {}, 0
@@ -92,10 +92,54 @@ def _default_args(module: nn.Module) -> tuple[dict[str, Any], int] | None:
     return concrete, required
 
 
-def _trace(module: nn.Module, concrete: dict[str, Any]) -> fx.Graph:
+SELF_ATTR = "_gaaf_self"  # a rewritten module's reference to itself: its code calls opaque helpers through it
+
+
+class _Opaque:
+    """Stands for a helper method while its caller is traced: a call with traced arguments becomes one node,
+    ``self._gaaf_self.<name>(...)``, that runs the helper for real (its own control flow included) when the
+    rewritten code runs; a call with plain values runs it at once."""
+
+    def __init__(self, tracer: fx.Tracer, module: nn.Module, name: str, real: Any) -> None:
+        self.tracer, self.module, self.name, self.real = tracer, module, name, real
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+        if not any(isinstance(a, fx.Proxy) for a in leaves):
+            return self.real(*args, **kwargs)
+        me = self.tracer.create_proxy("get_attr", SELF_ATTR, (), {})
+        return self.tracer.create_proxy("call_method", self.name, (me, *args), kwargs)
+
+
+def _trace(
+    module: nn.Module, concrete: dict[str, Any], method: str = "forward", opaque: tuple[str, ...] = ()
+) -> fx.Graph:
+    """The graph of ``type(module).<method>``. Buffers are graph values (``get_attr``), so the rewritten code reads
+    them when it runs: ``self.scale.exp()`` folded into a constant at trace time would ignore a later
+    ``load_state_dict``. Code that branches on a buffer cannot be traced that way; a second try takes buffers as
+    plain tensors (what is computed from them alone is then fixed at trace time, as plain ``fx`` does)."""
     before = set(module.__dict__)
     try:
-        return _OwnCodeTracer().trace(module, concrete_args=concrete or None)
+        first: Exception | None = None
+        for proxy_buffers in (True, False):
+            tracer = _OwnCodeTracer()
+            tracer.traced_func_name = method  # fx traces type(module).<method> with the module as self
+            tracer.proxy_buffer_attributes = proxy_buffers
+            saved = {name: module.__dict__.get(name) for name in opaque}
+            for name in opaque:
+                module.__dict__[name] = _Opaque(tracer, module, name, getattr(module, name))
+            try:
+                return tracer.trace(module, concrete_args=concrete or None)
+            except Exception as e:  # noqa: BLE001 - retried once, then the first error is the one that explains
+                first = first or e
+            finally:
+                for name, value in saved.items():
+                    if value is None:
+                        del module.__dict__[name]
+                    else:
+                        module.__dict__[name] = value
+        assert first is not None
+        raise first
     finally:
         # The tracer parks tensor constants on the module; they are copied back only if the module is rewritten.
         for key in set(module.__dict__) - before:
@@ -159,15 +203,17 @@ class Rewriter:
     ``_activation`` (to skip GAAF's own ops); keep both signatures stable.
     """
 
-    def __init__(self, ctx: Context, module: nn.Module, fqn: str) -> None:
+    def __init__(self, ctx: Context, module: nn.Module, fqn: str, method: str = "forward") -> None:
         self.ctx, self.module, self.fqn = ctx, module, fqn
+        self.prefix = "" if method == "forward" else f"{method}_"  # a helper method's sites: <fqn>.<method>_<node>
         self.stripped: dict[str, dict[str, Any]] = {}
         self.added: list[str] = []
         self.unreached: dict[str, dict[str, Any]] = {}
         self.changed = 0
 
     def site_name(self, node: fx.Node) -> str:
-        return f"{self.fqn}.{node.name}" if self.fqn else node.name
+        name = self.prefix + node.name
+        return f"{self.fqn}.{name}" if self.fqn else name
 
     def rewrite(self, graph: fx.Graph) -> int:
         n_changed = 0
@@ -216,7 +262,7 @@ class Rewriter:
                 "reason": "parameter computed at run time",
             }
             return 0
-        attr = f"gaaf_{node.name}"
+        attr = f"gaaf_{self.prefix}{node.name}"
         if attr not in self.module._modules:
             gaaf = self.ctx.make_gaaf(form.activation, act.params(params), Site(name, kind, label))
             self.module.add_module(attr, gaaf)
@@ -272,20 +318,30 @@ class Rewriter:
 
 
 class PatchedForward:
-    """The instance-level ``forward`` of a rewritten module: the traced code for the current mode.
+    """The instance-level ``forward`` of a rewritten module (or of a helper method, ``method``, when the forward
+    itself cannot be traced): the traced code for the current mode.
 
     Calls that pass arguments the trace did not see (a parameter with a default, given) run the original forward,
     with one warning: those calls are not patched, and we say so rather than guess.
     """
 
     def __init__(
-        self, module: nn.Module, fqn: str, codes: dict[bool, tuple[str, dict]], required: int, added, stripped
+        self,
+        module: nn.Module,
+        fqn: str,
+        codes: dict[bool, tuple[str, dict]],
+        required: int,
+        added,
+        stripped,
+        method: str = "forward",
     ):
-        self.module, self.fqn, self.required = module, fqn, required
+        self.module, self.fqn, self.required, self.method = module, fqn, required, method
         self.codes = codes
         self.added, self.stripped = list(added), list(stripped)
         self._compile()
         self._warned = False
+
+    method = "forward"  # instances pickled before helper methods were patched have no attribute of their own
 
     def _compile(self) -> None:
         from torch.fx.graph_module import _forward_from_src
@@ -303,11 +359,12 @@ class PatchedForward:
         if not self._warned:
             self._warned = True
             warnings.warn(
-                f"gaaf-patch: {self.fqn or type(self.module).__name__} was called with arguments its trace did not "
+                f"gaaf-patch: {self.fqn or type(self.module).__name__}"
+                f"{'' if self.method == 'forward' else '.' + self.method} was called with arguments its trace did not "
                 "see; its function-form GAAF sites run unpatched in such calls",
                 stacklevel=2,
             )
-        return type(self.module).forward(self.module, *args, **kwargs)
+        return getattr(type(self.module), self.method)(self.module, *args, **kwargs)
 
     def __getstate__(self) -> dict[str, Any]:
         # Generated code is not picklable; its source is. Modules in its globals travel by name.
@@ -341,13 +398,14 @@ def _python_code(graph: fx.Graph) -> tuple[str, dict]:
     return code.src, code.globals
 
 
-def _suspects(module: nn.Module) -> list[tuple[str, int]]:
-    """(name, line) of calls in the forward's source that may be activations or dropout."""
+def _suspects(module: nn.Module, method: str = "forward") -> list[tuple[str, int]]:
+    """(name, line) of calls in the method's source that may be activations or dropout."""
     try:
-        src = textwrap.dedent(inspect.getsource(type(module).forward))
-        lineno = inspect.getsourcelines(type(module).forward)[1]
+        fn = getattr(type(module), method)
+        src = textwrap.dedent(inspect.getsource(fn))
+        lineno = inspect.getsourcelines(fn)[1]
         tree = ast.parse(src)
-    except (OSError, TypeError, SyntaxError):
+    except (OSError, TypeError, SyntaxError, AttributeError):
         return []
     found = []
     for n in ast.walk(tree):
@@ -357,6 +415,23 @@ def _suspects(module: nn.Module) -> list[tuple[str, int]]:
             if name in targets.SUSPECT_NAMES:
                 found.append((name, lineno + n.lineno - 1))
     return found
+
+
+def _helpers(module: nn.Module, method: str) -> list[str]:
+    """The methods of the module's class that ``method`` calls as ``self.NAME(...)``, in order of appearance."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(getattr(type(module), method))))
+    except (OSError, TypeError, SyntaxError, AttributeError):
+        return []
+    names: list[str] = []
+    for n in ast.walk(tree):
+        f = getattr(n, "func", None) if isinstance(n, ast.Call) else None
+        if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and f.value.id == "self":
+            name = f.attr
+            is_method = isinstance(inspect.getattr_static(type(module), name, None), types.FunctionType)
+            if is_method and name not in names and name not in (method, "forward") and name not in module._modules:
+                names.append(name)
+    return names
 
 
 def run(ctx: Context) -> int:
@@ -370,25 +445,62 @@ def run(ctx: Context) -> int:
     return total
 
 
-def _patch_module(ctx: Context, module: nn.Module, fqn: str) -> int:
-    shape = _default_args(module)
+_HELPER_DEPTH = 2  # helper methods of an untraceable forward are traced on their own, down to this depth
+
+
+def _patch_module(ctx: Context, module: nn.Module, fqn: str, method: str = "forward", depth: int = 0) -> int:
+    """Trace ``method`` of ``module`` (in train and eval mode) and rewrite its sites.
+
+    If it cannot be traced (control flow on traced values, often inside a helper such as timm's
+    ``BilinearAttnTransform.resize_mat``), each helper method it calls is traced on its own, then ``method`` is
+    traced again with its helpers opaque (called as they are when the code runs). What still cannot be traced is
+    reported as unreached."""
+    shape = _default_args(getattr(module, method))
     if shape is None:
-        _report_untraceable(ctx, module, fqn, "forward takes *args/**kwargs or keyword-only arguments")
+        _report_untraceable(ctx, module, fqn, f"{method} takes *args/**kwargs or keyword-only arguments", method)
         return 0
     concrete, required = shape
-    rewriter = Rewriter(ctx, module, fqn)
+    try:
+        graphs = _trace_modes(module, concrete, method)
+    except Exception as e:  # noqa: BLE001 - any tracing failure: helpers first, then the method with helpers opaque
+        why = f"not traceable: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        helpers = _helpers(module, method) if depth < _HELPER_DEPTH else []
+        n = sum(
+            _patch_module(ctx, module, fqn, h, depth + 1)
+            for h in helpers
+            if not isinstance(module.__dict__.get(h), PatchedForward)
+        )
+        try:
+            if not helpers:
+                raise
+            graphs = _trace_modes(module, concrete, method, tuple(helpers))
+        except Exception:  # noqa: BLE001
+            _report_untraceable(ctx, module, fqn, why, method)
+            return n
+        return n + _rewrite(ctx, module, fqn, method, graphs, required)
+    return _rewrite(ctx, module, fqn, method, graphs, required)
+
+
+def _trace_modes(
+    module: nn.Module, concrete: dict[str, Any], method: str, opaque: tuple[str, ...] = ()
+) -> dict[bool, fx.Graph]:
     graphs: dict[bool, fx.Graph] = {}
     was = module.training
     try:
         for mode in (was, not was):
             module.training = mode
-            graphs[mode] = _trace(module, concrete)
-    except Exception as e:  # noqa: BLE001 - any tracing failure makes this module a leaf, reported below
-        _report_untraceable(ctx, module, fqn, f"not traceable: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
-        return 0
+            graphs[mode] = _trace(module, concrete, method, opaque)
     finally:
         module.training = was
-    ctx.traced.add(fqn)
+    return graphs
+
+
+def _rewrite(
+    ctx: Context, module: nn.Module, fqn: str, method: str, graphs: dict[bool, fx.Graph], required: int
+) -> int:
+    if method == "forward":
+        ctx.traced.add(fqn)
+    rewriter = Rewriter(ctx, module, fqn, method)
     changed = {mode: rewriter.rewrite(g) for mode, g in graphs.items()}
     ctx.unreached.extend(rewriter.unreached.values())
     _note_bn_feeds(ctx, module, fqn, graphs[True])
@@ -397,10 +509,14 @@ def _patch_module(ctx: Context, module: nn.Module, fqn: str) -> int:
         return 0
     for key, value in module.__dict__.pop("_gaaf_constants", {}).items():
         module.__dict__[key] = value
+    if any(n.op == "get_attr" and n.target == SELF_ATTR for g in graphs.values() for n in g.nodes):
+        module.__dict__[SELF_ATTR] = module  # not a child: the module tree and state_dict do not change
     codes = {mode: _python_code(g) for mode, g in graphs.items()}
     if codes[True][0] == codes[False][0]:
         codes = {True: codes[True], False: codes[True]}
-    module.forward = PatchedForward(module, fqn, codes, required, rewriter.added, rewriter.stripped.values())
+    module.__dict__[method] = PatchedForward(
+        module, fqn, codes, required, rewriter.added, rewriter.stripped.values(), method
+    )
     return max(changed.values())
 
 
@@ -431,24 +547,30 @@ def _note_bn_feeds(ctx: Context, module: nn.Module, fqn: str, graph: fx.Graph) -
             ctx.bn_feeds.append((prefix + bn_name, prefix + user.target))
 
 
-def _report_untraceable(ctx: Context, module: nn.Module, fqn: str, reason: str) -> None:
+def _report_untraceable(ctx: Context, module: nn.Module, fqn: str, reason: str, method: str = "forward") -> None:
     relevant = (
         targets.SUSPECT_NAMES if ctx.config.strip_dropout else targets.SUSPECT_NAMES - {"dropout", "alpha_dropout"}
     )
-    for name, line in _suspects(module):
+    for name, line in _suspects(module, method):
         if name in relevant:
             ctx.unreach(f"{fqn}:{line}" if fqn else f"<root>:{line}", "function", name, reason)
 
 
+def patched_methods(module: nn.Module) -> list[PatchedForward]:
+    """The rewritten forward and helper methods of one module."""
+    return [v for v in module.__dict__.values() if isinstance(v, PatchedForward)]
+
+
 def unpatch(module: nn.Module) -> bool:
     """Undo :func:`run` on one module. Returns whether there was anything to undo."""
-    fwd = module.__dict__.get("forward")
-    if not isinstance(fwd, PatchedForward):
+    patched = patched_methods(module)
+    if not patched:
         return False
-    del module.__dict__["forward"]
-    for attr in fwd.added:
-        if isinstance(module._modules.get(attr), GAAF):
-            del module._modules[attr]
-    for key in [k for k in module.__dict__ if k.startswith("_tensor_constant")]:
+    for fwd in patched:
+        del module.__dict__[fwd.method]
+        for attr in fwd.added:
+            if isinstance(module._modules.get(attr), GAAF):
+                del module._modules[attr]
+    for key in [k for k in module.__dict__ if k.startswith("_tensor_constant") or k == SELF_ATTR]:
         del module.__dict__[key]
     return True

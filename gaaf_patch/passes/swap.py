@@ -86,6 +86,7 @@ def run_activations(ctx: Context) -> int:
         for fqn, m in ctx.root.named_modules()
         if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))
     )
+    lookalikes: list[tuple[str, nn.Module]] = []
     for parent, attr, fqn, child in list(_entries(ctx.root)):
         if id(child) in done:
             if done[id(child)] is not None:
@@ -94,9 +95,8 @@ def run_activations(ctx: Context) -> int:
         form = targets.module_form(child)
         done[id(child)] = None
         if form is None:
-            # An activation-looking class (QuickGELU, HardMish, PReLU) that nothing was patched inside: say so.
-            if looks_like_activation(child) and not any(isinstance(m, GAAF) for m in child.modules()):
-                ctx.unreach(fqn, "module", type(child).__name__, "no GAAF form for this class")
+            if looks_like_activation(child):
+                lookalikes.append((fqn, child))
             continue
         act = _acts.get(form.activation)
         is_gate = act.gate_like and (
@@ -115,6 +115,11 @@ def run_activations(ctx: Context) -> int:
         done[id(child)] = gaaf
         setattr(parent, attr, gaaf)
         n += 1
+    # An activation-looking class (QuickGELU, HardMish, PReLU) that nothing was patched inside: say so. Checked
+    # after the walk, which reaches a parent before its children (metaformer's StarReLU holds an nn.ReLU).
+    for fqn, child in lookalikes:
+        if not any(isinstance(m, GAAF) for m in child.modules()):
+            ctx.unreach(fqn, "module", type(child).__name__, "no GAAF form for this class")
     ctx.changed[PASS_NAME] = n
     return n
 

@@ -1,0 +1,181 @@
+"""Coverage results as a rich table (the terminal), as markdown (docs/coverage.md) and as JSON."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+from collections.abc import Sequence
+from typing import Any
+
+from .check import CHECKS, FAIL, PASS, SKIP, Result
+from .sweep import Summary
+
+__all__ = ["console_table", "totals_line", "markdown", "to_json", "versions"]
+
+COLUMNS = ("family", "model", "params", "input", "replaced", "stripped", "gates", "checks a-e", "time")
+
+
+def versions() -> dict[str, str]:
+    import timm
+    import torch
+    import torchvision
+
+    from .. import __version__
+
+    return {
+        "gaaf_patch": __version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "timm": timm.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _params(n: int | None) -> str:
+    return "?" if n is None else f"{n / 1e6:.1f}M"
+
+
+def _row(r: Result) -> list[str]:
+    size = "x".join(map(str, r.input_size[1:])) if r.input_size else ""
+    failed = [k[0] for k in CHECKS if r.checks.get(k) is False]
+    marks = (
+        "skipped" if r.status == SKIP else f"FAIL {' '.join(failed)}" if failed else "ok" if r.status == PASS else "-"
+    )
+    return [
+        r.family_id,
+        r.name,
+        _params(r.params),
+        size,
+        str(r.replaced),
+        str(r.stripped),
+        str(r.gates),
+        marks,
+        f"{r.seconds:.1f}s",
+    ]
+
+
+def totals_line(summary: Summary, results: Sequence[Result]) -> str:
+    m = summary.models
+    skipped = sum(s == SKIP for s in summary.families.values())
+    return (
+        f"families: {summary.passed}/{summary.checked} fully patched and verified ({summary.rate:.1%}; target "
+        f"{summary.target:.0%}: {'met' if summary.met else 'NOT met'}), {skipped} skipped; models: "
+        f"{m.get(PASS, 0)} passed, {m.get(FAIL, 0)} failed, {m.get(SKIP, 0)} skipped of {len(results)}; "
+        f"{sum(r.seconds for r in results):.0f} s"
+    )
+
+
+def console_table(results: Sequence[Result], summary: Summary, console: Any = None) -> None:
+    """One table per library, a section per family, then the failures and skips with their reasons."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = console or Console(highlight=False, width=None if _is_terminal() else 160)
+    for source in sorted({r.source for r in results}):
+        rows = [r for r in results if r.source == source]
+        table = Table(title=f"{source}: coverage (a exact, b complete, c deterministic, d backward, e state_dict)")
+        for c in COLUMNS:
+            table.add_column(c, overflow="fold", justify="right" if c in ("params", "time") else "left")
+        for i, r in enumerate(rows):
+            last = i + 1 == len(rows) or rows[i + 1].family_id != r.family_id
+            style = {FAIL: "red", SKIP: "dim"}.get(r.status)
+            table.add_row(*(escape(c) for c in _row(r)), style=style, end_section=last)
+        console.print(table)
+    for status, title in ((FAIL, "failures"), (SKIP, "skipped (not counted)")):
+        bad = [r for r in results if r.status == status]
+        if bad:
+            t = Table(title=title, style="red" if status == FAIL else "dim")
+            for c in ("model", "reason"):
+                t.add_column(c, overflow="fold")
+            for r in bad:
+                t.add_row(escape(f"{r.family_id}/{r.name}"), escape(r.reason))
+            console.print(t)
+    console.print(totals_line(summary, results), soft_wrap=True)
+
+
+def _is_terminal() -> bool:
+    import sys
+
+    return sys.stdout.isatty()
+
+
+def _counts(results: Sequence[Result]) -> list[str]:
+    """How the independent counts saw the checked models: what traced whole, and what ran outside GAAF."""
+    ran = [r for r in results if r.status != SKIP and r.input_size]
+    whole = sum(r.leftover_fx is not None for r in ran)
+    gates = {k: sum(sum(x["gate"] for x in getattr(r, f"leftover_{k}") or []) for r in ran) for k in _KINDS}
+    misses = {k: sum(sum(not x["gate"] for x in getattr(r, f"leftover_{k}") or []) for r in ran) for k in _KINDS}
+    return [
+        f"- {whole} of {len(ran)} checked models trace whole with torch.fx, timm's non-traceable modules as leaves "
+        "(the others are counted by modules and at run time only; the patch itself traces each module's own code).",
+        "- Activations left, not gates: "
+        + ", ".join(f"{misses[k]} by {k}" for k in _KINDS)
+        + ". Left at a reported gate (not counted as misses): "
+        + ", ".join(f"{gates[k]} by {k}" for k in _KINDS)
+        + ".",
+    ]
+
+
+_KINDS = ("modules", "fx", "runtime")
+
+
+def _md_escape(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def markdown(results: Sequence[Result], summary: Summary, command: str) -> str:
+    """docs/coverage.md: how it was made, the totals, every failure and skip with its reason, then every row."""
+    v = versions()
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    out = [
+        "# Coverage of the timm and torchvision zoos",
+        "",
+        f"Generated by `{command}` on {when} (gaaf-patch {v['gaaf_patch']}, torch {v['torch']}, torchvision "
+        f"{v['torchvision']}, timm {v['timm']}, Python {v['python']}, CPU). Do not edit: rerun the command.",
+        "",
+        "Each model is built with random weights, patched with `gaaf_patch.patch(model, strip_dropout=True)` and "
+        "checked: **a** eval outputs bit-identical to the unpatched model; **b** no activation left: nothing "
+        "unreached in the report, and no activation counted independently of the report (modules of activation "
+        "classes, `F.*`/method nodes of a whole-model fx trace where the model traces, aten activation ops run "
+        "outside GAAF during a train-mode forward and backward), gates (a sigmoid multiplying a tensor, left alone "
+        "on purpose, listed in the report) excepted; **c** train-mode forward deterministic after stripping "
+        "(drop-path, which `strip_dropout` keeps, held in eval mode); **d** a backward pass runs and reaches the "
+        "input; **e** `state_dict` keys unchanged. Inputs are `--size` square (64 by default) where the model "
+        "allows it, else its own size. See gaaf_patch/coverage/ for the details.",
+        "",
+        "## Totals",
+        "",
+        totals_line(summary, results),
+        "",
+        *_counts(results),
+        "",
+    ]
+    for status, title, empty in (
+        (FAIL, "Failures", "None."),
+        (SKIP, "Skipped (not counted as failures)", "None."),
+    ):
+        bad = [r for r in results if r.status == status]
+        out += [f"## {title}", ""]
+        if not bad:
+            out += [empty, ""]
+            continue
+        out += ["| family | model | reason |", "|---|---|---|"]
+        out += [f"| {r.family_id} | {r.name} | {_md_escape(r.reason)} |" for r in bad]
+        out.append("")
+    out += ["## Every model", "", "| " + " | ".join(COLUMNS) + " |"]
+    out.append("|" + "---|" * len(COLUMNS))
+    out += ["| " + " | ".join(_md_escape(c) for c in _row(r)) + " |" for r in results]
+    out.append("")
+    return "\n".join(out)
+
+
+def to_json(results: Sequence[Result], summary: Summary, command: str) -> str:
+    doc = {
+        "command": command,
+        "versions": versions(),
+        "summary": summary.to_dict(),
+        "results": [r.to_dict() for r in results],
+    }
+    return json.dumps(doc, indent=1, default=str)
