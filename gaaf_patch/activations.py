@@ -99,6 +99,18 @@ def _silu_d(x: Tensor, y: Tensor) -> Tensor:
     return s * (1 + x * (1 - s))
 
 
+_QUICK = 1.702  # CLIP's QuickGELU: x * sigmoid(1.702 x)
+
+
+def _quick_gelu(x: Tensor) -> Tensor:
+    return x * torch.sigmoid(_QUICK * x)  # timm.layers.quick_gelu's formula, op for op
+
+
+def _quick_gelu_d(x: Tensor, y: Tensor) -> Tensor:
+    s = torch.sigmoid(_QUICK * x)
+    return s * (1 + _QUICK * x * (1 - s))
+
+
 def _mish_d(x: Tensor, y: Tensor) -> Tensor:
     t = torch.tanh(F.softplus(x))
     return t + x * (1 - t * t) * torch.sigmoid(x)
@@ -147,6 +159,7 @@ ACTIVATIONS: dict[str, Activation] = {
         Activation("celu", F.celu, _celu_d, {"alpha": 1.0}),
         Activation("gelu", F.gelu, _gelu_d, {"approximate": "none"}),
         Activation("silu", lambda x: F.silu(x), _silu_d),
+        Activation("quick_gelu", _quick_gelu, _quick_gelu_d),
         Activation("mish", lambda x: F.mish(x), _mish_d),
         Activation("softplus", F.softplus, _softplus_d, {"beta": 1.0, "threshold": 20.0}),
         Activation("tanh", torch.tanh, _tanh_d, inverse=_atanh_clamped),

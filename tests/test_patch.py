@@ -328,3 +328,18 @@ def test_inplace_activation_on_a_view_and_on_the_input_is_seen_by_the_base():
     xg = torch.randn(3, 8, requires_grad=True)
     model(xg * 1.0).sum().backward()  # the clone GAAF saves is not the tensor copy_ modifies
     assert xg.grad is not None
+
+
+def test_timm_quick_gelu_is_patched_bit_identically():
+    """CLIP's QuickGELU (x * sigmoid(1.702 x)) in a timm ViT: replaced as one activation, forward bit-identical."""
+    import timm
+
+    torch.manual_seed(0)
+    base = timm.create_model("vit_tiny_patch16_224", act_layer="quick_gelu", img_size=32, num_classes=3).eval()
+    model = gaaf.patch(copy.deepcopy(base))
+    rep = gaaf.report(model)
+    assert not rep.unreached
+    assert rep.summary()["by_activation"] == {"quick_gelu": 12}
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), base(x))

@@ -60,6 +60,7 @@ REFERENCE = {
     "celu": _relu_like,
     "gelu": _relu_like,
     "silu": _relu_like,
+    "quick_gelu": _relu_like,
     "mish": _relu_like,
     "softplus": _relu_like,
     "hardswish": lambda x: _sig(5.0 * (x + 3.5)),
@@ -335,7 +336,7 @@ def test_zero_shape_is_zero_for_any_input():
 
 # Where each activation saturates far away: (left, right); None where it does not saturate on that side.
 FAR = {
-    **{a: (-10.0, None) for a in "relu leaky_relu elu selu celu gelu silu mish softplus hardswish".split()},
+    **{a: (-10.0, None) for a in "relu leaky_relu elu selu celu gelu silu quick_gelu mish softplus hardswish".split()},
     "relu6": (-10.0, 16.0),
     "tanh": (-10.0, 10.0),
     "hardtanh": (-10.0, 10.0),

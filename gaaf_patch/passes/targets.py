@@ -109,6 +109,7 @@ def _module_rows() -> dict[type, ModuleForm]:
                 ta.Sigmoid: ModuleForm("sigmoid"),
                 ta.Tanh: ModuleForm("tanh"),
                 ta.Swish: ModuleForm("silu", own_phi=True),
+                ta.QuickGELU: ModuleForm("quick_gelu", own_phi=True),
                 ta.Mish: ModuleForm("mish", own_phi=True),
                 ta.HardSwish: ModuleForm("hardswish", own_phi=True),
                 ta.HardSigmoid: ModuleForm("hardsigmoid", own_phi=True),

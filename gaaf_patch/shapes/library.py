@@ -58,7 +58,7 @@ register("relu", family="shifted_sigmoid", slope=5.0, shift=0.5)
 register("relu_keras", family="shifted_sigmoid", slope=1.0, shift=4.0)
 
 # Ours, by the same principle.
-for _act in ("leaky_relu", "elu", "selu", "celu", "gelu", "silu", "mish", "softplus"):
+for _act in ("leaky_relu", "elu", "selu", "celu", "gelu", "silu", "quick_gelu", "mish", "softplus"):
     register(_act, family="shifted_sigmoid", slope=5.0, shift=0.5)
 register("hardswish", family="shifted_sigmoid", slope=5.0, shift=3.5)  # saturates below x = -3
 register("relu6", family="band", lo=0.0, hi=6.0)
