@@ -63,7 +63,7 @@ def build_model(spec: str, num_classes: int | None = None, input_size: tuple[int
     if not spec:
         raise ModelSpecError("empty model name")
     if spec.startswith(TORCHVISION_PREFIX):
-        return _torchvision_model(spec[len(TORCHVISION_PREFIX) :], num_classes)
+        return _torchvision_model(spec[len(TORCHVISION_PREFIX) :], num_classes, input_size)
     path, sep, factory = spec.rpartition(":")
     if sep and path.endswith(".py"):
         return _file_model(Path(path), factory, num_classes)
@@ -115,7 +115,7 @@ def _timm_cfg(name: str) -> Any:
         return None
 
 
-def _torchvision_model(name: str, num_classes: int | None) -> nn.Module:
+def _torchvision_model(name: str, num_classes: int | None, input_size: Sequence[int] | None = None) -> nn.Module:
     import torchvision
 
     known = torchvision.models.list_models()
@@ -125,6 +125,11 @@ def _torchvision_model(name: str, num_classes: int | None) -> nn.Module:
     kwargs: dict[str, Any] = {"weights": None}
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
+    if input_size is not None and len(input_size) == 3 and input_size[1] == input_size[2]:
+        try:  # torchvision's ViTs are built for one size, given as image_size (timm's: img_size)
+            return torchvision.models.get_model(name, image_size=int(input_size[1]), **kwargs)
+        except TypeError:  # the architecture takes any size
+            pass
     return torchvision.models.get_model(name, **kwargs)
 
 

@@ -106,6 +106,18 @@ def test_torchvision_model(capsys: pytest.CaptureFixture[str]) -> None:
     assert "layer1.0.relu" in {r["name"] for r in doc["report"]["replaced"]}
 
 
+def test_torchvision_vit_takes_the_input_size_and_its_zero_head_is_not_a_failure(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # torchvision's ViTs are built for one image_size; their head starts at zero, so no input gradient exists to compare
+    assert main(["tv:vit_b_16", "--input-size", "3,32,32", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["verification"]["input_shape"] == [2, 3, 32, 32]
+    assert doc["verification"]["output"]["check"] == "bit-identical" and doc["verification"]["ok"]
+    assert "does not depend on the input" in json.dumps(doc["verification"])
+    assert doc["report"]["summary"]["by_activation"] == {"gelu": 12}
+
+
 def test_rich_output_lists_sites_and_summary(capsys: pytest.CaptureFixture[str], factory_file: Path) -> None:
     assert main([f"{factory_file}:make_net", "--input-size", "3,8,8", "--shape", "relu=gauss(width=3)"]) == 0
     out = capsys.readouterr().out
