@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from .api import PatchError, patch
 from .models import CheckpointError, ModelSpecError, build_model, default_input_size, load_checkpoint
+from .models import output_tensors as _tensors
 from .ops import DEFAULT_K, MODES
 from .report import Report, report
 
@@ -88,17 +89,6 @@ class Verification:
                 "max_abs_diff": self.gradient_max_abs_diff,
             },
         }
-
-
-def _tensors(out: Any) -> list[Tensor]:
-    """The tensors of a model output, in a fixed order: a tensor, a (named) tuple or list, or a dict of them."""
-    if isinstance(out, Tensor):
-        return [out]
-    if isinstance(out, dict):
-        return [t for k in sorted(out, key=str) for t in _tensors(out[k])]
-    if isinstance(out, (tuple, list)):
-        return [t for o in out for t in _tensors(o)]
-    return []
 
 
 def _bit_equal(a: Tensor, b: Tensor) -> bool:

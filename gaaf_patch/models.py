@@ -34,6 +34,7 @@ __all__ = [
     "read_checkpoint",
     "load_checkpoint",
     "load_state_dict_strict",
+    "output_tensors",
 ]
 
 TORCHVISION_PREFIX = "tv:"
@@ -271,3 +272,14 @@ def _listing(what: str, keys: list[str], first: int = 3) -> str:
 def _one_line(e: BaseException) -> str:
     text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
     return " ".join(str(text).split())
+
+
+def output_tensors(out: Any) -> list[torch.Tensor]:
+    """The tensors of a model output, in a fixed order: a tensor, a (named) tuple or list, or a dict of them."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for k in sorted(out, key=str) for t in output_tensors(out[k])]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in output_tensors(o)]
+    return []

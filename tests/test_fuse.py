@@ -17,6 +17,7 @@ from torch import nn
 
 import gaaf_patch
 from gaaf_patch import fused
+from tests.test_perf_invariants import _saved_storages
 from tests.toys import SmallCNN
 
 F64 = torch.float64
@@ -52,18 +53,7 @@ def _unfused(model: nn.Module) -> nn.Module:
 
 
 def _saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
-    params = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in params:
-            seen[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x).sum()
-    return sum(seen.values())
+    return sum(_saved_storages(model, x).values())
 
 
 def _fused_names(model: nn.Module) -> list[str]:

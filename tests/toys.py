@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gaaf_patch.repro.models import mlp as _paper_mlp
+
 
 class EveryForm(nn.Module):
     """Module, functional, method and in-place forms, a gate, functional and module dropout."""
@@ -29,15 +31,8 @@ class EveryForm(nn.Module):
 
 
 def mlp(act: type[nn.Module] = nn.Tanh, dropout: float = 0.0, sizes=(784, 512, 256, 256, 10)) -> nn.Sequential:
-    """The paper's MNIST MLP (784-512-256-256-10, tanh by default)."""
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=False)):
-        layers.append(nn.Linear(a, b))
-        if i < len(sizes) - 2:
-            layers.append(act())
-            if dropout:
-                layers.append(nn.Dropout(dropout))
-    return nn.Sequential(*layers)
+    """The paper's MNIST MLP (784-512-256-256-10, tanh by default): the library's own builder."""
+    return _paper_mlp(act, dropout, sizes)
 
 
 class SmallCNN(nn.Module):

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..api import patch
+from ..models import output_tensors as _tensors
 from ..passes import targets
 from ..report import report
 from . import count, zoo
@@ -84,16 +85,6 @@ class Result:
 
 def _one_line(e: BaseException, n: int = 200) -> str:
     return f"{type(e).__name__}: {' '.join(str(e).split())[:n]}"
-
-
-def _tensors(out: Any) -> list[Tensor]:
-    if isinstance(out, Tensor):
-        return [out]
-    if isinstance(out, dict):
-        return [t for k in sorted(out, key=str) for t in _tensors(out[k])]
-    if isinstance(out, (tuple, list)):
-        return [t for o in out for t in _tensors(o)]
-    return []
 
 
 def _same(a: list[Tensor], b: list[Tensor]) -> bool:
