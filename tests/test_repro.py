@@ -145,12 +145,12 @@ def test_cli_reports_missing_data_in_one_line(tmp_path, monkeypatch, capsys):
 
 def test_cli_repro_mnist_quick_end_to_end(tmp_path, mnist_dir, capsys):
     out = tmp_path / "quick"
-    models = ["base", "dropout", "gaaf", "gaaf_relu"]  # tanh, dropout, GAAF on both activations; all six: 2x longer
+    models = ["base", "dropout", "gaaf", "gaaf_relu", "calibrated"]  # tanh, dropout, GAAF on both, calibrated
     argv = ["repro", "mnist", "--quick", "--data-dir", str(mnist_dir), "--out", str(out), "--threads", "1",
             "--models", ",".join(models)]  # fmt: skip
     assert cli.main(argv) == 0
     text = capsys.readouterr().out
-    for word in ("98.23", "paper", "G layer1", "sat act1", "0.9 / 0.8", "gaaf_relu"):
+    for word in ("98.23", "paper", "G layer1", "sat act1", "0.9 / 0.8", "gaaf_relu", "sigma act2"):
         assert word in text
     res = json.loads((out / "results.json").read_text())
     assert res["data"] == {"train": 5000, "val": 1000, "test": 2000}

@@ -74,7 +74,8 @@ class RichReporter(Reporter):
 
 
 def tables(results: dict[str, Any]) -> list[Table]:
-    """Ours next to the paper's: Table 4 (+ time), Table 2 (eq. 5) with the saturation fractions, Table 1 (counts)."""
+    """Ours next to the paper's: Table 4 (+ time), Table 2 (eq. 5) with the saturation fractions, Table 1 (counts);
+    and the sigmas a calibrated model measured, when the study has one."""
     summary = results.get("summary", {})
     seeds = max((len(s["seeds"]) for s in summary.values()), default=0)
     quick = " (--quick subset)" if results.get("setup", {}).get("quick") else ""
@@ -123,8 +124,16 @@ def tables(results: dict[str, Any]) -> list[Table]:
             c = s["correlations"].get(k, {})
             cells.append(" / ".join(f"{v['mean']:.0f}" for v in c.values()) if c else "-")
         corr.add_row(m, *cells)
+    sigma = {m: s["calibration_sigma"] for m, s in summary.items() if s.get("calibration_sigma")}
+    cal = Table(title="Calibrated models: dropout noise sigma on each site's net, measured at init (mean (std)); "
+                "0: no dropout feeds the site, it keeps the paper's shape")  # fmt: skip
+    cal.add_column("model")
+    for k in dict.fromkeys(k for v in sigma.values() for k in v):
+        cal.add_column(f"sigma {k}", justify="right")
+    for m, v in sigma.items():
+        cal.add_row(m, *(_ms(x, ".3f") for x in v.values()))
     notes = ", ".join(f"{m}: {MODELS[m].description}" for m in summary if m in MODELS)
     models = Table.grid()
     models.add_row(f"models - {notes}; saturation: tanh |z| > {results.get('setup', {}).get('saturation', 2):g}, "
                    "ReLU z < 0, hard-tanh |z| > 1")  # fmt: skip
-    return [acc, probes, corr, models]
+    return [acc, probes, corr, *([cal] if sigma else []), models]
