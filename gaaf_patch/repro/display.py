@@ -92,7 +92,8 @@ def tables(results: dict[str, Any]) -> list[Table]:
 
     layers = list(dict.fromkeys(k for s in summary.values() for k in s["gradient_info"]))
     sites = list(dict.fromkeys(k for s in summary.values() for k in s["saturation"]))
-    probes = Table(title="Gradient information per weight layer (eq. 5, from the input; paper's Table 2 in brackets) "
+    probes = Table(title="Gradient information per weight layer (eq. 5, from the input; mean ±std; paper's Table 2 in "
+                   "brackets) "
                    "and % of test-set nets in the saturation area per hidden layer")  # fmt: skip
     probes.add_column("model")
     for k in layers:
@@ -104,7 +105,7 @@ def tables(results: dict[str, Any]) -> list[Table]:
         row = [m]
         for k in layers:
             g = s["gradient_info"].get(k)
-            cell = "-" if not g or not g["n"] else f"{g['mean']:.2e}"
+            cell = "-" if not g or not g["n"] else f"{g['mean']:.2e}" + (f" ±{g['std']:.0e}" if g["n"] > 1 else "")
             row.append(cell + (f" ({pg[k]:.2e})" if k in pg else ""))
         for k in sites:
             sat = s["saturation"].get(k)
