@@ -145,12 +145,12 @@ def test_cli_reports_missing_data_in_one_line(tmp_path, monkeypatch, capsys):
 
 def test_cli_repro_mnist_quick_end_to_end(tmp_path, mnist_dir, capsys):
     out = tmp_path / "quick"
-    models = ["base", "dropout", "gaaf", "gaaf_relu"]  # tanh, dropout, GAAF on both activations; all six: 2x longer
+    models = ["base", "dropout", "gaaf", "gaaf_relu", "calibrated"]  # tanh, dropout, GAAF on both, calibrated
     argv = ["repro", "mnist", "--quick", "--data-dir", str(mnist_dir), "--out", str(out), "--threads", "1",
             "--models", ",".join(models)]  # fmt: skip
     assert cli.main(argv) == 0
     text = capsys.readouterr().out
-    for word in ("98.23", "paper", "G layer1", "sat act1", "0.9 / 0.8", "gaaf_relu"):
+    for word in ("98.23", "paper", "G layer1", "sat act1", "0.9 / 0.8", "gaaf_relu", "sigma act2"):
         assert word in text
     res = json.loads((out / "results.json").read_text())
     assert res["data"] == {"train": 5000, "val": 1000, "test": 2000}
@@ -165,3 +165,46 @@ def test_cli_repro_mnist_quick_end_to_end(tmp_path, mnist_dir, capsys):
     capsys.readouterr()
     assert cli.main([*argv, "--resume", "--lr", "0.1"]) == 2
     assert "different train" in capsys.readouterr().err
+
+
+def test_calibrated_model_is_calibrated_at_init_and_records_sigmas(tmp_path, monkeypatch):
+    """`calibrated` = the dropout MLP, gaaf.calibrate'd on seeded training batches before training: dropout stripped,
+    act1 (no dropout feeds it) keeps the paper's shape, act2/act3 get dropout-matched shapes whose sigma is recorded."""
+    from gaaf_patch.repro.models import CALIBRATION
+
+    d = _synthetic(1200)
+    monkeypatch.setattr(mnist, "load_data", lambda cfg: d)
+    monkeypatch.setattr(mnist, "write_figures", lambda results, out: [])
+    cfg = mnist.StudyConfig(
+        out=tmp_path, models=("calibrated",), seeds=1, train=TrainConfig(max_epochs=1), device="cpu"
+    )
+    run = mnist.run_study(cfg)["runs"][0]
+    cal = run["calibration"]
+    assert run["epochs_run"] == 1 and math.isfinite(run["test_acc"])
+    assert cal["when"] == "init" and list(cal["sites"]) == ["act1", "act2", "act3"]
+    a1, a2, a3 = cal["sites"].values()
+    assert not a1["fed"] and a1["sigma"] == 0 and a1["shape"] == "default"
+    # act2's net is Linear(dropout(tanh(Linear(x)))): eq. 6 by hand, float64, on the same seeded batches and initial
+    # weights. Nothing upstream drops, so the measured sigma agrees with it up to the sampling of 8 masks.
+    torch.manual_seed(0)
+    ref = build("dropout").double()
+    n = CALIBRATION["batches"] * CALIBRATION["batch_size"]
+    x = d.x_train[torch.randperm(len(d.x_train), generator=torch.Generator().manual_seed(0))[:n]].double()
+    h2 = torch.tanh(ref[0](x)).square()
+    sigma_eq6 = F.linear(h2, ref[3].weight.square()).mean().sqrt().item()  # p / (1 - p) = 1 for p = 0.5
+    assert a2["fed"] and a2["sigma_eq6"] == pytest.approx(sigma_eq6, rel=1e-5)
+    assert a2["sigma"] == pytest.approx(sigma_eq6, rel=0.05)
+    assert a3["fed"] and a3["sigma"] >= a3["sigma_eq6"] > 0  # act3 also sees act1's dropout, passed on
+    for site in (a2, a3):
+        rounded = float(f"{site['sigma']:.3g}")
+        assert site["shape"] == f"dropout_matched(act='tanh', sigma={rounded})"
+    on_disk = json.loads((tmp_path / mnist.RESULTS).read_text())
+    assert on_disk["runs"][0]["calibration"] == cal
+    assert on_disk["summary"]["calibrated"]["calibration_sigma"]["act2"]["mean"] == pytest.approx(a2["sigma"])
+    from gaaf_patch.repro.models import calibrate_at_init
+
+    torch.manual_seed(0)  # the study seeds the initial weights with the run's seed
+    model = build("calibrated")
+    assert calibrate_at_init(model, d.x_train, 0)["sites"][1]["sigma"] == a2["sigma"]  # deterministic per seed
+    assert not any(isinstance(m, torch.nn.Dropout) for m in model)
+    assert [m.shape.spec for m in model if hasattr(m, "shape")][0] == "gauss(width=4.0)"

@@ -74,7 +74,8 @@ class RichReporter(Reporter):
 
 
 def tables(results: dict[str, Any]) -> list[Table]:
-    """Ours next to the paper's: Table 4 (+ time), Table 2 (eq. 5) with the saturation fractions, Table 1 (counts)."""
+    """Ours next to the paper's: Table 4 (+ time), Table 2 (eq. 5) with the saturation fractions, Table 1 (counts);
+    and the sigmas a calibrated model measured, when the study has one."""
     summary = results.get("summary", {})
     seeds = max((len(s["seeds"]) for s in summary.values()), default=0)
     quick = " (--quick subset)" if results.get("setup", {}).get("quick") else ""
@@ -91,7 +92,8 @@ def tables(results: dict[str, Any]) -> list[Table]:
 
     layers = list(dict.fromkeys(k for s in summary.values() for k in s["gradient_info"]))
     sites = list(dict.fromkeys(k for s in summary.values() for k in s["saturation"]))
-    probes = Table(title="Gradient information per weight layer (eq. 5, from the input; paper's Table 2 in brackets) "
+    probes = Table(title="Gradient information per weight layer (eq. 5, from the input; mean ±std; paper's Table 2 in "
+                   "brackets) "
                    "and % of test-set nets in the saturation area per hidden layer")  # fmt: skip
     probes.add_column("model")
     for k in layers:
@@ -103,7 +105,7 @@ def tables(results: dict[str, Any]) -> list[Table]:
         row = [m]
         for k in layers:
             g = s["gradient_info"].get(k)
-            cell = "-" if not g or not g["n"] else f"{g['mean']:.2e}"
+            cell = "-" if not g or not g["n"] else f"{g['mean']:.2e}" + (f" ±{g['std']:.0e}" if g["n"] > 1 else "")
             row.append(cell + (f" ({pg[k]:.2e})" if k in pg else ""))
         for k in sites:
             sat = s["saturation"].get(k)
@@ -123,8 +125,16 @@ def tables(results: dict[str, Any]) -> list[Table]:
             c = s["correlations"].get(k, {})
             cells.append(" / ".join(f"{v['mean']:.0f}" for v in c.values()) if c else "-")
         corr.add_row(m, *cells)
+    sigma = {m: s["calibration_sigma"] for m, s in summary.items() if s.get("calibration_sigma")}
+    cal = Table(title="Calibrated models: dropout noise sigma on each site's net, measured at init (mean (std)); "
+                "0: no dropout feeds the site, it keeps the paper's shape")  # fmt: skip
+    cal.add_column("model")
+    for k in dict.fromkeys(k for v in sigma.values() for k in v):
+        cal.add_column(f"sigma {k}", justify="right")
+    for m, v in sigma.items():
+        cal.add_row(m, *(_ms(x, ".3f") for x in v.values()))
     notes = ", ".join(f"{m}: {MODELS[m].description}" for m in summary if m in MODELS)
     models = Table.grid()
     models.add_row(f"models - {notes}; saturation: tanh |z| > {results.get('setup', {}).get('saturation', 2):g}, "
                    "ReLU z < 0, hard-tanh |z| > 1")  # fmt: skip
-    return [acc, probes, corr, models]
+    return [acc, probes, corr, *([cal] if sigma else []), models]

@@ -29,7 +29,7 @@ from torch import Tensor
 from .. import data as _data
 from ..analysis import NetValues, NodeCorrelations, plots
 from ..analysis.sites import ACTIVATION_MODULES
-from .models import MODELS, PAPER, PAPER_GRADIENT_INFO, build
+from .models import MODELS, PAPER, PAPER_GRADIENT_INFO, build, calibrate_at_init
 from .noisy import NoisyHardTanh
 from .train import Data, EpochLog, TrainConfig, train
 
@@ -154,12 +154,16 @@ def run_one(name: str, seed: int, data: Data, cfg: StudyConfig, reporter: Report
     """Train and measure one (model, seed)."""
     torch.manual_seed(seed)
     model = build(name).to(data.x_train.device)
+    calibration = calibrate_at_init(model, data.x_train, seed) if MODELS[name].calibrate else None
     reporter.run_start(name, seed, cfg.train.max_epochs)
     res = train(model, data, cfg.train, seed=seed, on_epoch=lambda log: reporter.epoch(name, seed, log))
     layers = _label(list(res["gradient_info"]), "layer")
     res["gradient_info"] = {layers[k]: v for k, v in res["gradient_info"].items()}
     res.update(measure(model, data.x_test, MODELS[name].saturation, cfg.saturation))
     res["saturation"] = {k: v["saturated"] for k, v in res["net_values"].items()}
+    if calibration is not None:  # per site (act1, act2, ... as in net_values) the sigma measured at init
+        calibration["sites"] = {f"act{i}": s for i, s in enumerate(calibration["sites"], 1)}
+        res["calibration"] = calibration
     return {"model": name, "seed": seed, **res}
 
 
@@ -207,7 +211,7 @@ def _stats(values: list[float]) -> dict[str, float]:
 
 def summarize(runs: list[dict[str, Any]], models: list[str] | None = None) -> dict[str, dict[str, Any]]:
     """Mean and (sample) std over seeds, per model: accuracy, epochs, time, eq. 5 per layer, saturation per site,
-    correlation counts per layer."""
+    correlation counts per layer; for a calibrated model also the dropout noise sigma per site measured at init."""
     order = models or list(dict.fromkeys(r["model"] for r in runs))
     out: dict[str, dict[str, Any]] = {}
     for m in order:
@@ -223,6 +227,9 @@ def summarize(runs: list[dict[str, Any]], models: list[str] | None = None) -> di
             site: {t: _stats([r["correlations"][site]["counts"][t] for r in rs]) for t in c["counts"]}
             for site, c in rs[0]["correlations"].items()
         }
+        if "calibration" in rs[0]:  # the calibrated model: the noise sigma measured per site at init
+            s["calibration_sigma"] = {k: _stats([r["calibration"]["sites"][k]["sigma"] for r in rs])
+                                      for k in rs[0]["calibration"]["sites"]}  # fmt: skip
         out[m] = s
     return out
 

@@ -2,7 +2,9 @@
 
 The paper's network is 784-512-256-256-10 with tanh (Hahn & Choi, section 4.1); it compares a base model, the same
 with dropout (p = 0.5 after each hidden activation) and with GAAF (tanh with the paper's shape, exp(-x^2/4)). We add
-what users ask next: the ReLU network with and without GAAF, and a noisy-activation baseline (Gulcehre et al. 2016).
+what users ask next: the ReLU network with and without GAAF, a noisy-activation baseline (Gulcehre et al. 2016), and
+``calibrated``: the dropout model turned into GAAF by :func:`gaaf_patch.calibrate` at initialisation (dropout stripped,
+each site given the dropout-matched shape of the noise its dropout put there; see docs/calibration.md).
 """
 
 from __future__ import annotations
@@ -10,12 +12,25 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
+from ..analysis.variance import net_variance
 from ..api import patch
+from ..calibrate import calibrate_from, calibrated_shapes
 from .noisy import NoisyHardTanh
 
-__all__ = ["ModelSpec", "MODELS", "PAPER", "PAPER_GRADIENT_INFO", "SIZES", "mlp", "build"]
+__all__ = [
+    "ModelSpec",
+    "MODELS",
+    "PAPER",
+    "PAPER_GRADIENT_INFO",
+    "SIZES",
+    "CALIBRATION",
+    "mlp",
+    "build",
+    "calibrate_at_init",
+]
 
 SIZES = (784, 512, 256, 256, 10)
 
@@ -40,6 +55,7 @@ class ModelSpec:
     build: Callable[[], nn.Module]
     saturation: str  # how "saturated" is measured: "tanh" |z| > t (the --saturation flag), "relu" z < 0,
     # "hardtanh" |z| > 1
+    calibrate: bool = False  # built with dropout; the study calls calibrate_at_init on training batches before training
 
 
 def _gaaf(act: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
@@ -55,6 +71,14 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("relu", "ReLU", lambda: mlp(nn.ReLU), "relu"),
         ModelSpec("gaaf_relu", "ReLU, GAAF (paper's shape sigmoid(5(x+0.5)))", _gaaf(nn.ReLU), "relu"),
         ModelSpec("noisy", "noisy hard-tanh (Gulcehre et al. 2016)", lambda: mlp(NoisyHardTanh), "hardtanh"),
+        ModelSpec(
+            "calibrated",
+            "the dropout model, gaaf.calibrate'd at init: dropout stripped, tanh GAAF with "
+            "dropout-matched shapes (act1, fed by no dropout: paper's shape)",
+            lambda: mlp(nn.Tanh, 0.5),
+            "tanh",
+            calibrate=True,
+        ),  # fmt: skip
     )
 }
 
@@ -72,6 +96,28 @@ PAPER_GRADIENT_INFO: dict[str, dict[str, float]] = {
     "dropout": {"layer1": 5.93e-4, "layer2": 6.52e-4, "layer3": 5.83e-4},
     "gaaf": {"layer1": 1.78e-4, "layer2": 6.43e-4, "layer3": 1.15e-3},
 }
+
+
+# How the calibrated model measures its dropout noise: once, at initialisation (re-measuring every 100 steps changed
+# nothing measurable in benchmarks/calibration_check.py), on `batches` random training batches of `batch_size`, each
+# run with `masks` dropout masks. The batches and the masks are drawn from the run's seed.
+CALIBRATION = {"batches": 4, "batch_size": 128, "masks": 8}
+
+
+def calibrate_at_init(model: nn.Module, x_train: Tensor, seed: int) -> dict[str, object]:
+    """Calibrate the dropout ``model`` in place (:func:`gaaf_patch.calibrate`) on ``CALIBRATION["batches"]`` training
+    batches drawn with ``seed``; returns what was measured, for results.json: per site its sigma and the shape given.
+    """
+    n = CALIBRATION["batches"] * CALIBRATION["batch_size"]
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(x_train), generator=gen)[:n].to(x_train.device)
+    batches = list(x_train[idx].split(CALIBRATION["batch_size"]))
+    noise = net_variance(model, batches, batches=CALIBRATION["batches"], masks=CALIBRATION["masks"], seed=seed)
+    shapes = calibrated_shapes(noise)
+    calibrate_from(model, noise)
+    sites = [{"site": s.name, "fed": s.fed, "sigma": s.sigma, "sigma_eq6": s.sigma_eq6, "net_rms": s.net_rms,
+              "shape": shapes[s.name].spec if s.name in shapes else "default"} for s in noise]  # fmt: skip
+    return {**CALIBRATION, "when": "init", "sites": sites}
 
 
 def build(name: str) -> nn.Module:
