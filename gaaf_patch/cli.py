@@ -339,6 +339,7 @@ def _print_report(
     console.print(
         f"replaced {s['replaced']}" + (f" ({acts})" if acts else "")
         + f", stripped {s['stripped']}, unreached {s['unreached']}, skipped gates {s['skipped']}"
+        + (f", BatchNorms fused {s['fused']}" if s["fused"] else "")
         + f"; patched in {seconds * 1e3:.1f} ms",
         soft_wrap=True,
     )  # fmt: skip

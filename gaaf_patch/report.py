@@ -18,12 +18,14 @@ __all__ = ["Report", "report"]
 @dataclass
 class Report:
     """One entry per site. ``replaced``: GAAF activations; ``stripped``: dropout removed; ``unreached``: sites the
-    passes could not rewrite (each with a reason); ``skipped``: gates left alone on purpose."""
+    passes could not rewrite (each with a reason); ``skipped``: gates left alone on purpose; ``fused``: BatchNorms
+    switched to their recomputing twin (same state) so the GAAF ReLU they feed keeps no extra tensor."""
 
     replaced: list[dict[str, Any]] = field(default_factory=list)
     stripped: list[dict[str, Any]] = field(default_factory=list)
     unreached: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[dict[str, Any]] = field(default_factory=list)
+    fused: list[dict[str, Any]] = field(default_factory=list)  # BatchNorms a ReLU site recomputes from (passes/fuse)
     config: dict[str, Any] | None = None
 
     def __bool__(self) -> bool:
@@ -35,6 +37,7 @@ class Report:
             "stripped": self.stripped,
             "unreached": self.unreached,
             "skipped": self.skipped,
+            "fused": self.fused,
             "config": self.config,
             "summary": self.summary(),
         }
@@ -51,6 +54,7 @@ class Report:
             "stripped": len(self.stripped),
             "unreached": len(self.unreached),
             "skipped": len(self.skipped),
+            "fused": len(self.fused),
             "by_activation": by_act,
         }
 
@@ -68,6 +72,11 @@ def report(model: nn.Module) -> Report:
     record = model.__dict__.get(RECORD_ATTR)
     if record is not None:
         rep.stripped.extend(e for _m, _a, _old, e in record.attributes if "name" in e)
+        rep.fused.extend(
+            {"name": e["fused_batchnorm"], "into": e["into"]}
+            for _m, _a, _old, e in record.attributes
+            if "fused_batchnorm" in e
+        )
         rep.unreached.extend(record.unreached)
         rep.skipped.extend(record.skipped)
         rep.config = record.config

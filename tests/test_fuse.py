@@ -65,6 +65,11 @@ def test_pairs_found_in_traced_code_and_sequentials():
     model = gaaf_patch.patch(nn.Sequential(Block(), SmallCNN()))
     # bn4 feeds the ReLU through a residual add: converted too (whether that site recomputes is decided at run time)
     assert _fused_names(model) == ["0.bn1", "0.bn2", "0.bn3", "0.bn4", "1.features.1", "1.features.4"]
+    rep = gaaf_patch.report(model)
+    assert sorted(f["name"] for f in rep.fused) == _fused_names(model) and rep.summary()["fused"] == 6
+    assert {f["into"] for f in rep.fused} >= {"0.act", "1.features.2", "1.features.5"}
+    gaaf_patch.unpatch(model)
+    assert not gaaf_patch.report(model).fused
 
 
 def test_same_forward_stats_and_close_gradients_as_unfused():
