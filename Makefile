@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q $(TORCH_PINS)
 	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/gaaf-patch kernels || echo "(no C++ kernel: training uses plain torch ops, same results, slower)"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -666,6 +666,33 @@ def _cmd_coverage(args: argparse.Namespace) -> int:
     return 0 if summary.met else 1
 
 
+# ------------------------------------------------------------------------------------------------------- `kernels`
+
+
+def _add_kernels_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "kernels",
+        help="build the fused CPU backward kernel now (else it is built on first use) and say where it is cached",
+        description="Compile gaaf_patch's C++ CPU backward kernel (about 30 s, once per torch version and CPU "
+        "capability; cached under $TORCH_EXTENSIONS_DIR). Exit code 2 when it cannot be built: training then uses "
+        "plain torch ops, with the same results, more slowly.",
+    )
+    p.set_defaults(func=_cmd_kernels)
+
+
+def _cmd_kernels(args: argparse.Namespace) -> int:
+    from . import kernels
+
+    if not kernels.enabled():
+        raise UsageError("the kernel is turned off (GAAF_KERNELS=off); unset GAAF_KERNELS to build it")
+    try:
+        where = kernels.build()
+    except kernels.KernelBuildError as e:
+        raise UsageError(str(e)) from None
+    print(f"gaaf_patch CPU kernel ready: {where}")
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------------------- main
 
 _PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [
@@ -673,6 +700,7 @@ _PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_finetune_parser,
     _add_repro_parser,
     _add_coverage_parser,
+    _add_kernels_parser,
 ]
 DEFAULT_COMMAND = "patch"
 

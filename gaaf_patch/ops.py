@@ -34,6 +34,7 @@ from torch import Tensor
 
 from . import activations as _acts
 from . import fused as _fused
+from . import kernels as _kernels
 from .activations import Activation
 from .shapes import ShapeFn, resolve
 from .shapes import library as _lib
@@ -159,6 +160,78 @@ def _multiplier(saved: Tensor, from_output: bool, act: Activation, shape: ShapeF
     return act.dphi(x, y, **params) + shape(x)
 
 
+# The fused C++ kernel (gaaf_patch.kernels): its codes for phi' and for the shape family.
+_K_TANH_Y, _K_SIGMOID_Y, _K_RELU, _K_GIVEN = 0, 1, 2, 3
+_K_GAUSS, _K_SHIFTED_SIGMOID = 0, 1
+_KERNEL_DTYPES = (torch.float32, torch.float64)
+_KERNEL_OP: list[Any] = []  # torch.ops.gaaf_patch.backward.default, once built
+# (id(act), id(shape), from_output, x given) -> (act, shape, plan): what to call, worked out once per site kind. The
+# objects are kept so that their ids stay theirs.
+_PLANS: dict[tuple[int, int, bool, bool], tuple[Activation, ShapeFn, tuple | None]] = {}
+
+
+def _kernel_plan(act: Activation, shape: ShapeFn, from_output: bool, given_x: bool) -> tuple | None:
+    """``(phi' code, shape code, a, b, h, PyTorch's dy*phi' first?)`` for the kernel, or None (plain ops)."""
+    native, p = _native(act), shape.params
+    if native is None:
+        return None
+    if _is_gauss(shape):
+        fam = (_K_GAUSS, -_LOG2E / (p["width"] * p["scale"] * p["scale"]), float(p["center"]), float(p["height"]))
+    elif shape.fn is _lib.shifted_sigmoid:
+        fam = (_K_SHIFTED_SIGMOID, float(p["slope"]), float(p["shift"]), float(p["height"]))
+    else:
+        return None
+    if act.name == "relu" and (given_x or not from_output):
+        return (_K_RELU, *fam, False)  # t = x: phi' = [x > 0], as threshold_backward
+    if from_output and not given_x:
+        if act.name in ("tanh", "sigmoid"):
+            return (_K_TANH_Y if act.name == "tanh" else _K_SIGMOID_Y, *fam, False)
+        return None
+    return (_K_GIVEN, *fam, True)
+
+
+def _kernel_backward(
+    saved: Tensor, gy: Tensor, from_output: bool, act: Activation, shape: ShapeFn, params, x: Tensor | None
+) -> Tensor | None:
+    """The whole backward in one fused CPU pass (two for activations with their own PyTorch kernel), or None.
+
+    None (use the plain ops) off the CPU, for half types, under tracing (fake or functional tensors, Dynamo), in
+    double backward, for shapes other than the gauss and shifted-sigmoid families, or when the kernel is off or
+    cannot be built.
+    """
+    if not (
+        saved.is_cpu
+        and type(saved) is Tensor
+        and type(gy) is Tensor
+        and saved.dtype in _KERNEL_DTYPES
+        and gy.dtype == saved.dtype
+        and not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+    ):
+        return None
+    key = (id(act), id(shape), from_output, x is not None)
+    entry = _PLANS.get(key)
+    if entry is None:
+        entry = _PLANS[key] = (act, shape, _kernel_plan(act, shape, from_output, x is not None))
+    plan = entry[2]
+    if plan is None:
+        return None
+    if not _KERNEL_OP:
+        if not _kernels.available():
+            return None
+        _KERNEL_OP.append(torch.ops.gaaf_patch.backward.default)
+    elif not _kernels.enabled():
+        return None
+    code, fam, a, b, h, given = plan
+    if x is not None:  # recomputed after a fused BatchNorm; saved = the output, whose sign is x's
+        return _KERNEL_OP[0](gy, x, _native(act)(gy, saved, params) if given else None, code, fam, a, b, h)
+    if not given:  # t = the saved output (tanh, sigmoid) or input (relu)
+        return _KERNEL_OP[0](gy, saved, None, code, fam, a, b, h)
+    # PyTorch's own dy * phi'(x) (tanh's and sigmoid's take the output: recomputed, as x was saved), then the shape
+    y_or_x = act.phi(saved, **params) if act.inverse is not None else saved
+    return _KERNEL_OP[0](gy, saved, _native(act)(gy, y_or_x, params), code, fam, a, b, h)
+
+
 def _backward(
     saved: Tensor, gy: Tensor, from_output: bool, act: Activation, shape: ShapeFn, params, x: Tensor | None = None
 ) -> Tensor:
@@ -167,6 +240,9 @@ def _backward(
     ``x``: the input, recomputed from a fused BatchNorm (``saved`` is then the output of a ReLU-family activation,
     whose ``phi'`` the output determines exactly).
     """
+    dx = _kernel_backward(saved, gy, from_output, act, shape, params, x)
+    if dx is not None:
+        return dx
     t = _opmath(saved)
     g = gy if gy.dtype == t.dtype else gy.to(t.dtype)
     native = _native(act)

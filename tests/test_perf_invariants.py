@@ -2,7 +2,8 @@
 
 - backward keeps one tensor per site, and a patched model keeps as many bytes for backward as the plain one, except
   for the one documented gap: an in-place ReLU site keeps its input too;
-- the backward of a site is a handful of ATen ops, and the forward of exact mode is the activation's own op alone;
+- the backward of a site is one fused kernel (gaaf_patch.kernels) or, in plain ops, a handful of ATen ops, and the
+  forward of exact mode is the activation's own op alone;
 - the fast backward never writes into what it did not allocate, agrees with the generic formula, and stays
   traceable by torch.compile.
 """
@@ -17,7 +18,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import gaaf_patch
-from gaaf_patch import gaaf, ops
+from gaaf_patch import gaaf, kernels, ops
 from gaaf_patch.activations import ACTIVATIONS
 from gaaf_patch.shapes import get as get_shape
 from tests.toys import SmallCNN, mlp
@@ -40,6 +41,24 @@ class _Ops(TorchDispatchMode):
         if name not in _FREE and not (isinstance(out, torch.Tensor) and out.dim() == 0):
             self.names.append(name)
         return out
+
+
+@pytest.fixture
+def plain_ops():
+    """The plain-ops backward (no C++ kernel), whatever GAAF_KERNELS says."""
+    previous = kernels.set_enabled(False)
+    yield
+    kernels.set_enabled(previous)
+
+
+@pytest.fixture(params=["kernel", "plain"])
+def backend(request):
+    """Each test twice: with the fused C++ kernel (skipped when it cannot be built) and with plain ops."""
+    if request.param == "kernel" and not kernels.available():
+        pytest.skip("the C++ kernel is off or cannot be built here (GAAF_KERNELS, compiler)")
+    previous = kernels.set_enabled(request.param == "kernel")
+    yield request.param
+    kernels.set_enabled(previous)
 
 
 def _site_ops(name: str, shape=None, mode: str = "exact", **params):
@@ -82,16 +101,34 @@ def test_exact_forward_is_the_activation_alone(name):
 
 
 @pytest.mark.parametrize("name", ["tanh", "relu", "leaky_relu", "gelu", "silu", "elu", "sigmoid"])
-def test_backward_kernels_with_default_shape(name):
+def test_backward_kernels_with_default_shape(name, plain_ops):
     _, bwd = _site_ops(name)
     # PyTorch's own fused dy*phi' + the shape in place (2-3 passes) + one addcmul_, plus the inverse for tanh/sigmoid
     assert len(bwd) <= 5, bwd
     assert bwd.count("addcmul_") == 1
 
 
-def test_backward_kernels_are_the_expected_ones():
+def test_backward_kernels_are_the_expected_ones(plain_ops):
     assert _site_ops("tanh")[1] == ["tanh_backward", "atanh", "addcmul", "exp2_", "addcmul_"]
     assert _site_ops("relu")[1] == ["threshold_backward", "add", "mul_", "sigmoid_", "addcmul_"]
+
+
+@pytest.mark.parametrize(
+    ("name", "want"),
+    [
+        ("tanh", ["backward"]),  # phi' and x from the saved output, the shape, the sum: one pass
+        ("sigmoid", ["backward"]),
+        ("relu", ["backward"]),
+        ("leaky_relu", ["leaky_relu_backward", "backward"]),  # PyTorch's dy*phi', then the shape added in place
+        ("gelu", ["gelu_backward", "backward"]),
+        ("silu", ["silu_backward", "backward"]),
+        ("elu", ["elu_backward", "backward"]),
+    ],
+)
+def test_fused_backward_is_one_kernel(name, want):
+    if not kernels.available():
+        pytest.skip("the C++ kernel is off or cannot be built here (GAAF_KERNELS, compiler)")
+    assert _site_ops(name)[1] == want
 
 
 def test_quick_gelu_zero_shape_is_autograds_gradient():
@@ -113,7 +150,7 @@ def test_zero_shape_backward_is_pytorchs_single_kernel(name):
 
 
 @pytest.mark.parametrize("name", ["tanh", "relu", "gelu"])
-def test_sawtooth_forward_kernels(name):
+def test_sawtooth_forward_kernels(name, plain_ops):
     fwd, bwd = _site_ops(name, mode="sawtooth")
     exact_fwd, exact_bwd = _site_ops(name)
     # phi, then g (mul, floor, 3 in-place), s (2-3 passes), g*s and + phi in place
@@ -178,7 +215,7 @@ def test_relu_gap_is_one_input_per_site_not_fed_by_batchnorm():
 
 
 @pytest.mark.parametrize("name", sorted(ACTIVATIONS))
-def test_backward_writes_nothing_it_does_not_own(name):
+def test_backward_writes_nothing_it_does_not_own(name, backend):
     x = (torch.randn(6, 5) * 3).requires_grad_()
     y = gaaf(x, name)
     gy = torch.randn_like(y)
@@ -189,7 +226,7 @@ def test_backward_writes_nothing_it_does_not_own(name):
     assert torch.equal(gy, gy_copy) and torch.equal(y.detach(), y_copy) and torch.equal(x.detach(), x_copy)
 
 
-def test_backward_with_shared_gradient_buffer():
+def test_backward_with_shared_gradient_buffer(backend):
     # autograd may hand the same gradient tensor to two branches: neither may see the other's in-place work
     x = (torch.randn(5, 4) * 2).requires_grad_()
     (gaaf(x, "tanh") + gaaf(x, "relu") + gaaf(x, "gelu")).sum().backward()
@@ -211,19 +248,23 @@ SHAPES = [
 ]
 
 
+# (activation, whether the output is saved): tanh and sigmoid save it in exact mode, their input in sawtooth mode
+_SAVED = [(n, False) for n in sorted(ACTIVATIONS)] + [(n, True) for n in sorted(ACTIVATIONS) if ACTIVATIONS[n].inverse]
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=["default", "zero", "gauss", "sigmoid", "band", "callable"])
-@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
-def test_fast_backward_matches_generic_formula(name, shape):
+@pytest.mark.parametrize(("name", "from_output"), _SAVED, ids=[f"{n}-{'y' if o else 'x'}" for n, o in _SAVED])
+def test_fast_backward_matches_generic_formula(name, from_output, shape, backend):
     act = ACTIVATIONS[name]
     params = act.params()
     sh = gaaf_patch.shapes.resolve(shape if shape is not None else name)
     x = torch.linspace(-7, 7, 301, dtype=F64)
     y = act.phi(x, **params)
-    saved = y if act.inverse is not None else x
+    saved = y if from_output else x
     gy = torch.rand_like(x) + 0.5
     with torch.no_grad():
-        fast = ops._backward(saved, gy, act.inverse is not None, act, sh, params)
-    generic = ops._multiplier(saved, act.inverse is not None, act, sh, params) * gy
+        fast = ops._backward(saved, gy, from_output, act, sh, params)
+    generic = ops._multiplier(saved, from_output, act, sh, params) * gy
     atol = 1e-8 if name == "hardsigmoid" else 1e-12  # PyTorch's hardsigmoid_backward uses a float32 1/6 in float64
     torch.testing.assert_close(fast, generic, rtol=1e-12, atol=atol)
 

@@ -1,0 +1,131 @@
+// gaaf_patch's CPU backward kernel: dx = dy * (phi'(x) + h * s~(x)) in one vectorised pass.
+//
+// The plain-ops backward (gaaf_patch/ops.py) makes 4-6 passes over the tensor (PyTorch's own `*_backward`, the
+// inverse for output-saved activations, the shape, the final addcmul), each an operator dispatch and an
+// allocation. This file fuses them, with ATen's `Vectorized<T>` (the SLEEF transcendentals ATen and Inductor's C++
+// kernels use) and `at::parallel_for`, and registers one operator: torch.ops.gaaf_patch.backward.
+//
+// act (what phi'(x) is, and what `t` holds):
+//   0 tanh      t = y = tanh(x):     phi' = 1 - y^2,     x = atanh(y)
+//   1 sigmoid   t = y = sigmoid(x):  phi' = y (1 - y),   x = log(y) - log1p(-y)
+//   2 relu      t = x (or y: same sign):  phi' = [t > 0] (PyTorch's threshold_backward: 0 at t == 0)
+//   3 given     `base` already holds dy * phi'(x) (PyTorch's kernel), t = x: only the shape term is added
+// shape (s~, with s = h s~):
+//   0 gauss            s~ = exp2(a (x - b)^2)           (a = -log2(e) / (width scale^2), b = center)
+//   1 shifted_sigmoid  s~ = sigmoid(a (x + b))          (a = slope, b = shift)
+//
+// The Python side (gaaf_patch/kernels.py) builds this on first use and falls back to the plain ops when it cannot.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <optional>
+
+namespace {
+
+using at::vec::Vectorized;
+
+constexpr int64_t kGrain = 32768;  // ATen's internal::GRAIN_SIZE for pointwise kernels
+
+template <typename T>
+struct Args {
+  T a, b, h;
+};
+
+template <typename T, int Act, int Shape>
+inline Vectorized<T> step(Vectorized<T> g, Vectorized<T> t, Vectorized<T> base, const Args<T>& p) {
+  using V = Vectorized<T>;
+  const V one(T(1)), zero(T(0));
+  V dphi_g, x;
+  if constexpr (Act == 0) {
+    dphi_g = g * (one - t * t);
+    x = ((one + t) / (one - t)).log() * V(T(0.5));
+  } else if constexpr (Act == 1) {
+    dphi_g = g * (t * (one - t));
+    x = t.log() - (zero - t).log1p();
+  } else if constexpr (Act == 2) {
+    dphi_g = V::blendv(g, zero, t <= zero);  // as threshold_backward: NaN passes dy
+    x = t;
+  } else {
+    dphi_g = base;
+    x = t;
+  }
+  V s;
+  if constexpr (Shape == 0) {
+    V z = x - V(p.b);
+    s = (V(p.a) * z * z).exp2();
+  } else {
+    s = one / (one + (zero - V(p.a) * (x + V(p.b))).exp());
+  }
+  return at::vec::fmadd(V(p.h) * g, s, dphi_g);
+}
+
+template <typename T, int Act, int Shape>
+void run(const T* g, const T* t, const T* base, T* out, int64_t n, const Args<T>& p) {
+  using V = Vectorized<T>;
+  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+    int64_t i = begin;
+    for (; i + V::size() <= end; i += V::size()) {
+      V b = base ? V::loadu(base + i) : V(T(0));
+      step<T, Act, Shape>(V::loadu(g + i), V::loadu(t + i), b, p).store(out + i);
+    }
+    if (i < end) {
+      const int64_t rest = end - i;
+      V b = base ? V::loadu(base + i, rest) : V(T(0));
+      step<T, Act, Shape>(V::loadu(g + i, rest), V::loadu(t + i, rest), b, p).store(out + i, rest);
+    }
+  });
+}
+
+template <typename T>
+void dispatch(const T* g, const T* t, const T* base, T* out, int64_t n, int64_t act, int64_t shape, const Args<T>& p) {
+#define GAAF_CASE(A, S) \
+  if (act == A && shape == S) return run<T, A, S>(g, t, base, out, n, p);
+  GAAF_CASE(0, 0) GAAF_CASE(0, 1) GAAF_CASE(1, 0) GAAF_CASE(1, 1)
+  GAAF_CASE(2, 0) GAAF_CASE(2, 1) GAAF_CASE(3, 0) GAAF_CASE(3, 1)
+#undef GAAF_CASE
+  TORCH_CHECK(false, "gaaf_patch.backward: unknown act/shape ", act, "/", shape);
+}
+
+at::Tensor backward(const at::Tensor& gy, const at::Tensor& t, const std::optional<at::Tensor>& base, int64_t act,
+                    int64_t shape, double a, double b, double h) {
+  TORCH_CHECK(gy.device().is_cpu() && t.device().is_cpu(), "gaaf_patch.backward: CPU tensors only");
+  TORCH_CHECK(gy.scalar_type() == t.scalar_type() && gy.sizes() == t.sizes(),
+              "gaaf_patch.backward: dy and the saved tensor must have one dtype and one shape");
+  TORCH_CHECK((act == 3) == base.has_value(), "gaaf_patch.backward: `base` goes with act 3 only");
+  // One flat pass over memory when all operands share one dense layout (contiguous, channels_last, ...): the result
+  // keeps it. Otherwise everything is made contiguous first.
+  const bool same_layout = t.is_non_overlapping_and_dense() && gy.strides() == t.strides() &&
+                           (!base || base->strides() == t.strides());
+  at::Tensor g = same_layout ? gy : gy.contiguous(), tc = same_layout ? t : t.contiguous();
+  at::Tensor bc, out;
+  if (base) {
+    TORCH_CHECK(base->scalar_type() == t.scalar_type() && base->sizes() == t.sizes(), "gaaf_patch.backward: bad base");
+    bc = same_layout ? *base : base->contiguous();
+    out = bc;  // written in place: `base` is the caller's fresh buffer (or our contiguous copy of it)
+  } else {
+    out = at::empty_like(tc);  // same strides as tc (dense)
+  }
+  const int64_t n = tc.numel();
+  if (tc.scalar_type() == at::kFloat) {
+    dispatch<float>(g.const_data_ptr<float>(), tc.const_data_ptr<float>(), base ? bc.const_data_ptr<float>() : nullptr,
+                    out.mutable_data_ptr<float>(), n, act, shape, Args<float>{float(a), float(b), float(h)});
+  } else if (tc.scalar_type() == at::kDouble) {
+    dispatch<double>(g.const_data_ptr<double>(), tc.const_data_ptr<double>(),
+                     base ? bc.const_data_ptr<double>() : nullptr, out.mutable_data_ptr<double>(), n, act, shape,
+                     Args<double>{a, b, h});
+  } else {
+    TORCH_CHECK(false, "gaaf_patch.backward: float32 or float64 only, got ", tc.scalar_type());
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(gaaf_patch, m) {
+  m.def("backward(Tensor gy, Tensor t, Tensor? base, int act, int shape, float a, float b, float h) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(gaaf_patch, CPU, m) { m.impl("backward", &backward); }

@@ -1,0 +1,135 @@
+"""The fused CPU backward kernel (``csrc/gaaf_cpu.cpp``): built on first use, plain torch ops when it cannot be.
+
+A GAAF site's eager backward in plain ops is 4-6 passes over the tensor, each an operator dispatch and an
+allocation (``ops._backward``); on MLP-sized tensors that costs more than the activation itself. The C++ file
+fuses them into one vectorised pass with ATen's ``Vectorized`` (the SLEEF transcendentals that ATen's and
+Inductor's own CPU kernels use) and registers it as ``torch.ops.gaaf_patch.backward``.
+
+It is compiled with :func:`torch.utils.cpp_extension.load` the first time an eager CPU backward needs it (about
+30 s; ``gaaf-patch kernels`` does it ahead of time, and ``make`` runs that), and cached under
+``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) by torch version and CPU capability. Without a
+C++ compiler, or when the build fails, one warning is given and the plain ops are used: the results are the same
+to float rounding (tests/test_kernels.py), only slower.
+
+``GAAF_KERNELS=off`` (or :func:`set_enabled`) turns it off; ``GAAF_KERNELS=on`` makes a failed build an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import sys
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+__all__ = ["available", "enabled", "set_enabled", "build", "KernelBuildError"]
+
+_SOURCE = Path(__file__).with_name("csrc") / "gaaf_cpu.cpp"
+
+# ATen's CPU capability -> (the macro that selects ATen's vector code, the compiler flags it needs); the same pairs
+# as torch._inductor.cpu_vec_isa. Anything else gets ATen's portable vector code.
+_ISA = {
+    "AVX512": (["-DCPU_CAPABILITY_AVX512"], ["-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mfma"]),
+    "AVX2": (["-DCPU_CAPABILITY_AVX2"], ["-mavx2", "-mfma", "-mf16c"]),
+}
+
+
+class KernelBuildError(RuntimeError):
+    """The C++ kernel could not be built or loaded (with ``GAAF_KERNELS=on``)."""
+
+
+_lock = threading.Lock()
+_state: dict[str, object] = {"loaded": None, "error": None}
+_enabled = os.environ.get("GAAF_KERNELS", "auto").lower() not in ("off", "0", "false", "no")
+
+
+def _name() -> str:
+    cap = torch.backends.cpu.get_cpu_capability()
+    tag = re.sub(r"[^0-9A-Za-z]+", "_", f"{torch.__version__}_{cap}")
+    return f"gaaf_patch_cpu_{tag}"
+
+
+def _cpp_extension():
+    """torch.utils.cpp_extension, imported without its "No CUDA runtime is found" notice on CPU-only machines."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        logger.setLevel(level)
+    return cpp_extension
+
+
+def build(verbose: bool = False) -> Path:
+    """Compile (or find in the cache) and load the kernel; returns its build folder.
+
+    Raises :class:`KernelBuildError` when it cannot be built or loaded.
+    """
+    cpp_extension = _cpp_extension()
+
+    cap = torch.backends.cpu.get_cpu_capability()
+    macros, arch = _ISA.get(cap, ([], []))
+    if shutil.which("ninja") is None:  # pip's ninja lives in the environment's bin/, which may not be on PATH
+        try:
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        except ImportError:
+            pass
+    if sys.platform == "win32":
+        raise KernelBuildError("gaaf_patch's CPU kernel is built on Linux and macOS only; plain torch ops are used")
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []  # Apple's clang has no OpenMP: one thread
+    try:
+        cpp_extension.load(
+            name=_name(),
+            sources=[str(_SOURCE)],
+            extra_cflags=["-O3", *openmp, *macros, *arch],
+            extra_ldflags=openmp,
+            is_python_module=False,
+            verbose=verbose,
+        )
+    except Exception as e:  # noqa: BLE001 - compiler missing, build error, load error: all mean "no kernel"
+        detail = str(e).strip().splitlines()
+        raise KernelBuildError(
+            f"could not build gaaf_patch's CPU kernel ({type(e).__name__}: {detail[-1] if detail else ''}); "
+            "install a C++ compiler and ninja, or set GAAF_KERNELS=off to use plain torch ops"
+        ) from e
+    return Path(cpp_extension._get_build_directory(_name(), verbose=False))
+
+
+def available() -> bool:
+    """Whether ``torch.ops.gaaf_patch.backward`` can be used now (builds it on the first call when enabled)."""
+    if not _enabled:
+        return False
+    loaded = _state["loaded"]
+    if loaded is not None:
+        return bool(loaded)
+    with _lock:
+        if _state["loaded"] is None:
+            try:
+                build()
+                _state["loaded"] = True
+            except KernelBuildError as e:
+                if os.environ.get("GAAF_KERNELS", "").lower() == "on":
+                    raise
+                _state["loaded"], _state["error"] = False, e
+                warnings.warn(f"{e}; falling back to plain torch ops (slower)", RuntimeWarning, stacklevel=2)
+    return bool(_state["loaded"])
+
+
+def enabled() -> bool:
+    """Whether the kernel may be used (``GAAF_KERNELS`` / :func:`set_enabled`); it may still be unbuildable."""
+    return _enabled
+
+
+def set_enabled(flag: bool) -> bool:
+    """Turn the kernel on or off for this process; returns the previous setting."""
+    global _enabled
+    previous, _enabled = _enabled, bool(flag)
+    return previous

@@ -1,0 +1,228 @@
+"""The fused C++ CPU backward (gaaf_patch.kernels): same gradients as the plain ops, used only where it may be.
+
+The rest of the suite already runs through the kernel (it is on by default); here the two paths are compared on
+whole models and awkward inputs, and the fallbacks (off, unbuildable, traced) are checked.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import gaaf_patch
+from gaaf_patch import gaaf, kernels, ops
+from gaaf_patch.activations import ACTIVATIONS
+from gaaf_patch.shapes import get as get_shape
+from tests.toys import SmallCNN, mlp
+
+F64 = torch.float64
+
+needs_kernel = pytest.mark.skipif(
+    not kernels.available(), reason="the C++ kernel is off or cannot be built here (GAAF_KERNELS, compiler)"
+)
+
+
+def _weights(t: torch.Tensor) -> torch.Tensor:
+    return torch.linspace(-1, 2, t.numel(), dtype=t.dtype).view_as(t)
+
+
+def _grads(fn, *inputs, kernel: bool):
+    previous = kernels.set_enabled(kernel)
+    try:
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        out = fn(*leaves)
+        out.backward(torch.ones_like(out) if out.dim() == 0 else _weights(out))
+        return [t.grad for t in leaves]
+    finally:
+        kernels.set_enabled(previous)
+
+
+def _reference(name: str, x: torch.Tensor) -> torch.Tensor:
+    """phi'(x) + s(x) in float64, from the library's formulas (not from PyTorch's kernels nor ours)."""
+    act = ACTIVATIONS[name]
+    xd = x.detach().double()
+    return act.dphi(xd, act.phi(xd, **act.params()), **act.params()) + get_shape(name)(xd)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("mode", ["exact", "sawtooth"])
+@pytest.mark.parametrize("name", ["tanh", "sigmoid", "relu", "leaky_relu", "gelu", "silu", "elu", "softplus"])
+def test_kernel_equals_plain_ops_and_the_float64_formula(name, mode, dtype):
+    torch.manual_seed(0)
+    x = (torch.randn(37, 129) * 4).to(dtype)  # odd sizes: vector tails
+    gk = _grads(lambda t: gaaf(t, name, mode=mode), x, kernel=True)[0]
+    gp = _grads(lambda t: gaaf(t, name, mode=mode), x, kernel=False)[0]
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == F64 else dict(rtol=1e-5, atol=2e-6)
+    torch.testing.assert_close(gk, gp, **tol)
+    want = _reference(name, x) * _weights(x.double())
+    torch.testing.assert_close(
+        gk.double(), want, rtol=1e-5 if dtype != F64 else 1e-9, atol=1e-5 if dtype != F64 else 1e-9
+    )
+
+
+@needs_kernel
+def test_saturated_and_special_values():
+    # tanh(+-20) = +-1 exactly in float32: atanh = +-inf, s = exp2(-inf) = 0, phi' = 0: the gradient is exactly 0
+    x = torch.tensor([-20.0, -1.0, 0.0, 1.0, 20.0, float("nan")])
+    g = _grads(lambda t: gaaf(t, "tanh"), x, kernel=True)[0]
+    gp = _grads(lambda t: gaaf(t, "tanh"), x, kernel=False)[0]
+    assert g[0] == 0 and g[4] == 0
+    assert torch.isnan(g[5]) and torch.isnan(gp[5])
+    torch.testing.assert_close(g[:5], gp[:5])
+    # relu at exactly 0: PyTorch's convention phi'(0) = 0, so only the shape's sigmoid(2.5) remains
+    x = torch.tensor([-3.0, 0.0, 3.0, float("nan")])
+    g = _grads(lambda t: gaaf(t, "relu"), x, kernel=True)[0]
+    gp = _grads(lambda t: gaaf(t, "relu"), x, kernel=False)[0]
+    w = _weights(x)
+    assert g[1] == pytest.approx(w[1].item() * torch.sigmoid(torch.tensor(2.5)).item(), rel=1e-6)
+    torch.testing.assert_close(g[:3], gp[:3])
+    assert torch.isnan(g[3]) and torch.isnan(gp[3])
+
+
+@needs_kernel
+@pytest.mark.parametrize("layout", ["channels_last", "transposed", "sliced"])
+def test_layouts(layout):
+    torch.manual_seed(0)
+    base = torch.randn(2, 5, 7, 3) * 3
+    if layout == "channels_last":
+        x = base.to(memory_format=torch.channels_last)
+    elif layout == "transposed":
+        x = base.transpose(1, 3)
+    else:
+        x = base[:, ::2]
+    for name in ("tanh", "relu", "gelu"):
+        leaf_k = x.detach().clone(memory_format=torch.preserve_format).requires_grad_()
+        gy = torch.randn_like(leaf_k)
+        gaaf(leaf_k, name).backward(gy)
+        previous = kernels.set_enabled(False)
+        try:
+            leaf_p = x.detach().clone(memory_format=torch.preserve_format).requires_grad_()
+            gaaf(leaf_p, name).backward(gy)
+        finally:
+            kernels.set_enabled(previous)
+        torch.testing.assert_close(leaf_k.grad, leaf_p.grad, rtol=1e-5, atol=2e-6)
+        if layout == "channels_last":
+            assert leaf_k.grad.is_contiguous(memory_format=torch.channels_last)
+
+
+@needs_kernel
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_whole_model_gradients_match_plain_ops(model):
+    torch.manual_seed(0)
+    net = mlp(nn.Tanh, sizes=(32, 64, 64, 10)) if model == "mlp" else SmallCNN()
+    x = torch.randn(8, 32) if model == "mlp" else torch.randn(4, 3, 16, 16)
+    patched = gaaf_patch.patch(net)  # the CNN's ReLUs after BatchNorms take the fused-BatchNorm path
+    twin = copy.deepcopy(patched)
+    previous = kernels.set_enabled(True)
+    try:
+        patched(x).square().sum().backward()
+        kernels.set_enabled(False)
+        twin(x).square().sum().backward()
+    finally:
+        kernels.set_enabled(previous)
+    for (n, a), b in zip(patched.named_parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+@needs_kernel
+def test_not_used_for_half_types_double_backward_or_custom_shapes():
+    calls = []
+
+    class Spy(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            calls.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    def run(fn, x):
+        calls.clear()
+        x = x.detach().requires_grad_()
+        y = fn(x)
+        with Spy():
+            y.backward(torch.ones_like(y))
+        return list(calls)
+
+    assert "backward" in run(lambda t: gaaf(t, "tanh"), torch.randn(8))
+    assert "backward" not in run(lambda t: gaaf(t, "tanh"), torch.randn(8, dtype=torch.bfloat16))
+    assert "backward" not in run(lambda t: gaaf(t, "tanh", "band"), torch.randn(8))
+    assert "backward" not in run(lambda t: gaaf(t, "tanh", lambda z: torch.cos(z)), torch.randn(8))
+    x = torch.randn(8, dtype=F64, requires_grad=True)
+    (g,) = torch.autograd.grad(gaaf(x, "tanh").sum(), x, create_graph=True)  # double backward: plain, differentiable
+    g.sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+@needs_kernel
+def test_compiled_graphs_use_plain_ops():
+    torch.manual_seed(0)
+    m = gaaf_patch.patch(mlp(nn.Tanh, sizes=(16, 8, 8, 4)))
+    graphs = []
+
+    def backend(gm, example_inputs):
+        from functorch.compile import make_boxed_func
+        from torch._functorch.aot_autograd import aot_module_simplified
+
+        def keep(g, _):
+            graphs.append(g)
+            return make_boxed_func(g.forward)
+
+        return aot_module_simplified(gm, example_inputs, fw_compiler=keep, bw_compiler=keep)
+
+    torch._dynamo.reset()
+    try:
+        torch.compile(m, backend=backend, fullgraph=True)(torch.randn(4, 16)).sum().backward()
+    finally:
+        torch._dynamo.reset()
+    targets = {str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"}
+    assert "aten.tanh_backward.default" in targets
+    assert not any("gaaf_patch" in t for t in targets)
+
+
+def test_off_switch_in_a_fresh_process():
+    code = (
+        "import torch, gaaf_patch\n"
+        "from gaaf_patch import kernels\n"
+        "x = torch.randn(64, requires_grad=True)\n"
+        "gaaf_patch.gaaf(x, 'tanh').sum().backward()\n"
+        "print(kernels.enabled(), kernels.available(), torch.isfinite(x.grad).all().item())\n"
+    )
+    env = {**os.environ, "GAAF_KERNELS": "off"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "False", "True"]
+
+
+def test_unbuildable_kernel_warns_once_and_falls_back(tmp_path, monkeypatch):
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(kernels, "_SOURCE", broken)
+    monkeypatch.setattr(kernels, "_name", lambda: "gaaf_patch_test_broken")
+    monkeypatch.setattr(kernels, "_state", {"loaded": None, "error": None})
+    monkeypatch.setattr(ops, "_KERNEL_OP", [])
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    monkeypatch.delenv("GAAF_KERNELS", raising=False)
+    previous = kernels.set_enabled(True)
+    try:
+        x = torch.randn(16, requires_grad=True)
+        with pytest.warns(RuntimeWarning, match="could not build gaaf_patch's CPU kernel.*GAAF_KERNELS=off"):
+            gaaf(x, "tanh").sum().backward()
+        want = 1 - torch.tanh(x.detach()) ** 2 + get_shape("tanh")(x.detach())
+        torch.testing.assert_close(x.grad, want)
+        x.grad = None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            gaaf(x, "tanh").sum().backward()  # no second warning, no second build
+        assert kernels.available() is False
+        monkeypatch.setattr(kernels, "_state", {"loaded": None, "error": None})
+        monkeypatch.setenv("GAAF_KERNELS", "on")
+        with pytest.raises(kernels.KernelBuildError, match="install a C\\+\\+ compiler"):
+            kernels.available()
+    finally:
+        kernels.set_enabled(previous)
