@@ -1,8 +1,10 @@
 """Time of one activation site, forward + backward: ``python -m benchmarks.sites``.
 
 Per activation and tensor size, side by side in one process (interleaved repeats, median): PyTorch's own activation,
-GAAF exact in eager mode, and the same GAAF site compiled by Inductor (``torch.compile`` of the site alone, which is
-what compiling a whole patched model does to it). The numbers behind docs/performance.md's per-site table.
+GAAF exact in eager mode with the fused C++ backward (``gaaf``, when it can be built) and with plain torch ops
+(``gaaf_plain``, ``GAAF_KERNELS=off``), and the same GAAF site compiled by Inductor (``torch.compile`` of the site
+alone, which is what compiling a whole patched model does to it). The numbers behind docs/performance.md's
+per-site table.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 
 import gaaf_patch as gaaf
 from gaaf_patch import activations as _acts
+from gaaf_patch import kernels
 
 SIZES = {"128x512": (128, 512), "16x64x32x32": (16, 64, 32, 32)}
 
@@ -28,10 +31,14 @@ def _timer(fn: Callable[[], None], inner: int) -> float:
     return (time.perf_counter() - t0) / inner * 1e6
 
 
-def _fwd_bwd(site: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, gy: torch.Tensor) -> Callable[[], None]:
+def _fwd_bwd(
+    site: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, gy: torch.Tensor, kernel: bool = True
+) -> Callable[[], None]:
     def run() -> None:
+        previous = kernels.set_enabled(kernel)
         xr = x.detach().requires_grad_()
         site(xr).backward(gy)
+        kernels.set_enabled(previous)
 
     return run
 
@@ -43,7 +50,10 @@ def measure(activation: str, shape: tuple[int, ...], repeats: int, compile_: boo
     variants: dict[str, Callable[[], None]] = {
         "torch": _fwd_bwd(lambda t: act.phi(t, **act.params()), x, gy),
         "gaaf": _fwd_bwd(gaaf.GAAF(activation), x, gy),
+        "gaaf_plain": _fwd_bwd(gaaf.GAAF(activation), x, gy, kernel=False),
     }
+    if not kernels.available():
+        del variants["gaaf"]
     if compile_:
         variants["gaaf_inductor"] = _fwd_bwd(torch.compile(gaaf.GAAF(activation), dynamic=False), x, gy)
     inner = max(1, int(2e6 / x.numel()))
@@ -75,16 +85,18 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    cols = [c for c in ("torch", "gaaf", "gaaf_inductor") if c in rows[0]]
+    cols = [c for c in ("torch", "gaaf", "gaaf_plain", "gaaf_inductor") if c in rows[0]]
+    best = "gaaf" if "gaaf" in rows[0] else "gaaf_plain"
     t = Table(title=f"one site, forward + backward, float32, {torch.get_num_threads()} thread(s): median us")
-    for c in ("activation", "tensor", *cols, "gaaf / torch"):
+    for c in ("activation", "tensor", *cols, f"{best} / torch"):
         t.add_column(c, justify="left" if c in ("activation", "tensor") else "right")
     for r in rows:
-        t.add_row(r["activation"], r["tensor"], *(f"{r[c]:.0f}" for c in cols), f"{r['gaaf'] / r['torch']:.2f}x")
+        t.add_row(r["activation"], r["tensor"], *(f"{r[c]:.0f}" for c in cols), f"{r[best] / r['torch']:.2f}x")
     Console().print(t)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}, f, indent=1)
+            meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "kernel": kernels.available()}
+            json.dump({**meta, "rows": rows}, f, indent=1)
     return 0
 
 
