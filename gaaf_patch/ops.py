@@ -161,7 +161,7 @@ def _multiplier(saved: Tensor, from_output: bool, act: Activation, shape: ShapeF
 
 
 # The fused C++ kernel (gaaf_patch.kernels): its codes for phi' and for the shape family.
-_K_TANH_Y, _K_SIGMOID_Y, _K_RELU, _K_GIVEN = 0, 1, 2, 3
+_K_TANH_Y, _K_SIGMOID_Y, _K_RELU, _K_GIVEN, _K_TANH_X, _K_SIGMOID_X = 0, 1, 2, 3, 4, 5
 _K_GAUSS, _K_SHIFTED_SIGMOID = 0, 1
 _KERNEL_DTYPES = (torch.float32, torch.float64)
 _KERNEL_OP: list[Any] = []  # torch.ops.gaaf_patch.backward.default, once built
@@ -183,9 +183,10 @@ def _kernel_plan(act: Activation, shape: ShapeFn, from_output: bool, given_x: bo
         return None
     if act.name == "relu" and (given_x or not from_output):
         return (_K_RELU, *fam, False)  # t = x: phi' = [x > 0], as threshold_backward
+    if act.name in ("tanh", "sigmoid") and not given_x:  # the output saved (exact mode) or the input (sawtooth)
+        codes = {(True, "tanh"): _K_TANH_Y, (True, "sigmoid"): _K_SIGMOID_Y}
+        return (codes.get((from_output, act.name), _K_TANH_X if act.name == "tanh" else _K_SIGMOID_X), *fam, False)
     if from_output and not given_x:
-        if act.name in ("tanh", "sigmoid"):
-            return (_K_TANH_Y if act.name == "tanh" else _K_SIGMOID_Y, *fam, False)
         return None
     return (_K_GIVEN, *fam, True)
 
@@ -225,11 +226,10 @@ def _kernel_backward(
     code, fam, a, b, h, given = plan
     if x is not None:  # recomputed after a fused BatchNorm; saved = the output, whose sign is x's
         return _KERNEL_OP[0](gy, x, _native(act)(gy, saved, params) if given else None, code, fam, a, b, h)
-    if not given:  # t = the saved output (tanh, sigmoid) or input (relu)
+    if not given:  # t = what was saved: the output (tanh, sigmoid in exact mode) or the input
         return _KERNEL_OP[0](gy, saved, None, code, fam, a, b, h)
-    # PyTorch's own dy * phi'(x) (tanh's and sigmoid's take the output: recomputed, as x was saved), then the shape
-    y_or_x = act.phi(saved, **params) if act.inverse is not None else saved
-    return _KERNEL_OP[0](gy, saved, _native(act)(gy, y_or_x, params), code, fam, a, b, h)
+    # PyTorch's own dy * phi'(x), then the shape
+    return _KERNEL_OP[0](gy, saved, _native(act)(gy, saved, params), code, fam, a, b, h)
 
 
 def _backward(

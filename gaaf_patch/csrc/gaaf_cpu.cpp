@@ -10,6 +10,8 @@
 //   1 sigmoid   t = y = sigmoid(x):  phi' = y (1 - y),   x = log(y) - log1p(-y)
 //   2 relu      t = x (or y: same sign):  phi' = [t > 0] (PyTorch's threshold_backward: 0 at t == 0)
 //   3 given     `base` already holds dy * phi'(x) (PyTorch's kernel), t = x: only the shape term is added
+//   4 tanh      t = x (sawtooth mode saves the input): phi' = 1 - tanh(x)^2
+//   5 sigmoid   t = x:                                 phi' = sigmoid(x) (1 - sigmoid(x))
 // shape (s~, with s = h s~):
 //   0 gauss            s~ = exp2(a (x - b)^2)           (a = -log2(e) / (width scale^2), b = center)
 //   1 shifted_sigmoid  s~ = sigmoid(a (x + b))          (a = slope, b = shift)
@@ -48,8 +50,16 @@ inline Vectorized<T> step(Vectorized<T> g, Vectorized<T> t, Vectorized<T> base, 
   } else if constexpr (Act == 2) {
     dphi_g = V::blendv(g, zero, t <= zero);  // as threshold_backward: NaN passes dy
     x = t;
-  } else {
+  } else if constexpr (Act == 3) {
     dphi_g = base;
+    x = t;
+  } else if constexpr (Act == 4) {
+    V y = t.tanh();
+    dphi_g = g * (one - y * y);
+    x = t;
+  } else {
+    V y = one / (one + (zero - t).exp());
+    dphi_g = g * (y * (one - y));
     x = t;
   }
   V s;
@@ -85,6 +95,7 @@ void dispatch(const T* g, const T* t, const T* base, T* out, int64_t n, int64_t 
   if (act == A && shape == S) return run<T, A, S>(g, t, base, out, n, p);
   GAAF_CASE(0, 0) GAAF_CASE(0, 1) GAAF_CASE(1, 0) GAAF_CASE(1, 1)
   GAAF_CASE(2, 0) GAAF_CASE(2, 1) GAAF_CASE(3, 0) GAAF_CASE(3, 1)
+  GAAF_CASE(4, 0) GAAF_CASE(4, 1) GAAF_CASE(5, 0) GAAF_CASE(5, 1)
 #undef GAAF_CASE
   TORCH_CHECK(false, "gaaf_patch.backward: unknown act/shape ", act, "/", shape);
 }
