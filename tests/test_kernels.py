@@ -226,3 +226,18 @@ def test_unbuildable_kernel_warns_once_and_falls_back(tmp_path, monkeypatch):
             kernels.available()
     finally:
         kernels.set_enabled(previous)
+
+
+def test_cli_kernels_command(capsys):
+    from gaaf_patch.cli import main
+
+    previous = kernels.set_enabled(False)
+    try:
+        assert main(["kernels"]) == 2
+        assert "GAAF_KERNELS=off" in capsys.readouterr().err
+    finally:
+        kernels.set_enabled(previous)
+    if not kernels.available():
+        pytest.skip("the C++ kernel cannot be built here")
+    assert main(["kernels"]) == 0
+    assert "gaaf_patch CPU kernel ready: " in capsys.readouterr().out

@@ -31,6 +31,28 @@ using at::vec::Vectorized;
 
 constexpr int64_t kGrain = 32768;  // ATen's internal::GRAIN_SIZE for pointwise kernels
 
+// log2 and exp2 for the shape term: SLEEF's 3.5-ulp versions for float32 where ATen's vector code is built for AVX2 or
+// AVX512 (the 1-ulp ones ATen's Vectorized calls cost 1.5-2x more, and s is a heuristic shape, not a quantity that
+// needs its last ulp); ATen's otherwise and for float64.
+template <typename T>
+inline Vectorized<T> log2_(Vectorized<T> v) { return v.log2(); }
+template <typename T>
+inline Vectorized<T> exp2_(Vectorized<T> v) { return v.exp2(); }
+#if defined(CPU_CAPABILITY_AVX512)
+template <>
+inline Vectorized<float> log2_(Vectorized<float> v) { return Vectorized<float>(Sleef_log2f16_u35(v)); }
+template <>
+inline Vectorized<float> exp2_(Vectorized<float> v) { return Vectorized<float>(Sleef_exp2f16_u35(v)); }
+#elif defined(CPU_CAPABILITY_AVX2)
+template <>
+inline Vectorized<float> log2_(Vectorized<float> v) { return Vectorized<float>(Sleef_log2f8_u35(v)); }
+template <>
+inline Vectorized<float> exp2_(Vectorized<float> v) { return Vectorized<float>(Sleef_exp2f8_u35(v)); }
+#endif
+
+constexpr double kLn2 = 0.693147180559945309417232121458176568;
+constexpr double kLog2e = 1.442695040888963407359924681001892137;
+
 template <typename T>
 struct Args {
   T a, b, h;
@@ -43,10 +65,10 @@ inline Vectorized<T> step(Vectorized<T> g, Vectorized<T> t, Vectorized<T> base, 
   V dphi_g, x;
   if constexpr (Act == 0) {
     dphi_g = g * (one - t * t);
-    x = ((one + t) / (one - t)).log() * V(T(0.5));
+    x = log2_((one + t) / (one - t)) * V(T(0.5 * kLn2));  // atanh(y), at half the cost of SLEEF's atanh
   } else if constexpr (Act == 1) {
     dphi_g = g * (t * (one - t));
-    x = t.log() - (zero - t).log1p();
+    x = log2_(t / (one - t)) * V(T(kLn2));  // logit(y)
   } else if constexpr (Act == 2) {
     dphi_g = V::blendv(g, zero, t <= zero);  // as threshold_backward: NaN passes dy
     x = t;
@@ -58,16 +80,16 @@ inline Vectorized<T> step(Vectorized<T> g, Vectorized<T> t, Vectorized<T> base, 
     dphi_g = g * (one - y * y);
     x = t;
   } else {
-    V y = one / (one + (zero - t).exp());
+    V y = one / (one + exp2_(t * V(T(-kLog2e))));
     dphi_g = g * (y * (one - y));
     x = t;
   }
   V s;
   if constexpr (Shape == 0) {
     V z = x - V(p.b);
-    s = (V(p.a) * z * z).exp2();
+    s = exp2_(V(p.a) * z * z);
   } else {
-    s = one / (one + (zero - V(p.a) * (x + V(p.b))).exp());
+    s = one / (one + exp2_((x + V(p.b)) * V(T(-kLog2e) * p.a)));
   }
   return at::vec::fmadd(V(p.h) * g, s, dphi_g);
 }
