@@ -389,12 +389,10 @@ def _kernels(code: str) -> int:
     return len(re.findall(r"^(?:cpp_fused|triton_)\w* = async_compile\.", code, flags=re.M))
 
 
-def test_inductor_fuses_the_gaaf_op():
-    """Forward and backward: the gaaf backend generates no more kernels than plain Inductor on the same model."""
+def kernel_counts(model: nn.Module, x: torch.Tensor) -> dict[str, list[int]]:
+    """backend -> [forward, backward] kernels Inductor generates for ``model`` under "inductor" and under "gaaf"."""
     from torch._inductor.utils import run_fw_bw_and_get_code
 
-    torch.manual_seed(0)
-    model, x = SmallCNN(), torch.randn(2, 3, 8, 8)
     counts = {}
     # no graph caches, so the code is generated (and seen) again; the C++ compiler's cache still saves time
     with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
@@ -404,6 +402,13 @@ def test_inductor_fuses_the_gaaf_op():
             _, code = run_fw_bw_and_get_code(lambda c=compiled: c(x.clone().requires_grad_()))
             assert len(code) == 2, "expected one forward and one backward module"
             counts[backend] = [_kernels(c) for c in code]
+    return counts
+
+
+def test_inductor_fuses_the_gaaf_op():
+    """Forward and backward: the gaaf backend generates no more kernels than plain Inductor on the same model."""
+    torch.manual_seed(0)
+    counts = kernel_counts(SmallCNN(), torch.randn(2, 3, 8, 8))
     print("kernels (forward, backward):", counts)
     assert all(n > 0 for n in counts["inductor"])
     assert counts["gaaf"][0] <= counts["inductor"][0] and counts["gaaf"][1] <= counts["inductor"][1], counts
