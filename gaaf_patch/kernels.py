@@ -7,15 +7,16 @@ Inductor's own CPU kernels use) and registers it as ``torch.ops.gaaf_patch.backw
 
 It is compiled with :func:`torch.utils.cpp_extension.load` the first time an eager CPU backward needs it (about
 30 s; ``gaaf-patch kernels`` does it ahead of time, and ``make`` runs that), and cached under
-``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) by torch version and CPU capability. Without a
-C++ compiler, or when the build fails, one warning is given and the plain ops are used: the results are the same
-to float rounding (tests/test_kernels.py), only slower.
+``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) by torch version, CPU capability and source.
+Without a C++ compiler, or when the build fails, one warning is given and the plain ops are used: the results are
+the same to float rounding (tests/test_kernels.py), only slower.
 
 ``GAAF_KERNELS=off`` (or :func:`set_enabled`) turns it off; ``GAAF_KERNELS=on`` makes a failed build an error.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -49,8 +50,10 @@ _enabled = os.environ.get("GAAF_KERNELS", "auto").lower() not in ("off", "0", "f
 
 
 def _name() -> str:
+    """One build per torch version, CPU capability and source text: versions and checkouts never rebuild each other's."""
     cap = torch.backends.cpu.get_cpu_capability()
-    tag = re.sub(r"[^0-9A-Za-z]+", "_", f"{torch.__version__}_{cap}")
+    digest = hashlib.sha1(_SOURCE.read_bytes()).hexdigest()[:10]
+    tag = re.sub(r"[^0-9A-Za-z]+", "_", f"{torch.__version__}_{cap}_{digest}")
     return f"gaaf_patch_cpu_{tag}"
 
 
@@ -86,8 +89,12 @@ def build(verbose: bool = False) -> Path:
         raise KernelBuildError("gaaf_patch's CPU kernel is built on Linux and macOS only; plain torch ops are used")
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []  # Apple's clang has no OpenMP: one thread
     try:
+        name = _name()
+        folder = Path(cpp_extension._get_build_directory(name, verbose=False))
+        if not (folder / f"{name}.so").exists():
+            print(f"gaaf_patch: compiling the CPU backward kernel (once, about 30 s) in {folder}", file=sys.stderr)
         cpp_extension.load(
-            name=_name(),
+            name=name,
             sources=[str(_SOURCE)],
             extra_cflags=["-O3", *openmp, *macros, *arch],
             extra_ldflags=openmp,
@@ -100,7 +107,7 @@ def build(verbose: bool = False) -> Path:
             f"could not build gaaf_patch's CPU kernel ({type(e).__name__}: {detail[-1] if detail else ''}); "
             "install a C++ compiler and ninja, or set GAAF_KERNELS=off to use plain torch ops"
         ) from e
-    return Path(cpp_extension._get_build_directory(_name(), verbose=False))
+    return folder
 
 
 def available() -> bool:
