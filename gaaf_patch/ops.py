@@ -166,8 +166,10 @@ _K_GAUSS, _K_SHIFTED_SIGMOID = 0, 1
 _KERNEL_DTYPES = (torch.float32, torch.float64)
 _KERNEL_OP: list[Any] = []  # torch.ops.gaaf_patch.backward.default, once built
 # (id(act), id(shape), from_output, x given) -> (act, shape, plan): what to call, worked out once per site kind. The
-# objects are kept so that their ids stay theirs.
+# entry keeps the objects alive, so an id cannot be reused while its entry exists; the table is emptied when it
+# reaches _PLANS_MAX (shapes made on the fly, e.g. gaaf(x, "tanh", "gauss(width=3)") in a loop, stay bounded).
 _PLANS: dict[tuple[int, int, bool, bool], tuple[Activation, ShapeFn, tuple | None]] = {}
+_PLANS_MAX = 1024
 
 
 def _kernel_plan(act: Activation, shape: ShapeFn, from_output: bool, given_x: bool) -> tuple | None:
@@ -213,6 +215,8 @@ def _kernel_backward(
     key = (id(act), id(shape), from_output, x is not None)
     entry = _PLANS.get(key)
     if entry is None:
+        if len(_PLANS) >= _PLANS_MAX:
+            _PLANS.clear()
         entry = _PLANS[key] = (act, shape, _kernel_plan(act, shape, from_output, x is not None))
     plan = entry[2]
     if plan is None:

@@ -241,3 +241,16 @@ def test_cli_kernels_command(capsys):
         pytest.skip("the C++ kernel cannot be built here")
     assert main(["kernels"]) == 0
     assert "gaaf_patch CPU kernel ready: " in capsys.readouterr().out
+
+
+@needs_kernel
+def test_plan_table_stays_bounded_for_shapes_made_on_the_fly(monkeypatch):
+    monkeypatch.setattr(ops, "_PLANS", {})
+    monkeypatch.setattr(ops, "_PLANS_MAX", 8)
+    x = torch.randn(16, requires_grad=True)
+    for width in range(1, 30):  # a new ShapeFn object every call
+        gaaf(x, "tanh", f"gauss(width={width})").sum().backward()
+        want = 1 - torch.tanh(x.detach()) ** 2 + torch.exp(-(x.detach() ** 2) / width)
+        torch.testing.assert_close(x.grad, want, rtol=1e-5, atol=1e-6)
+        x.grad = None
+    assert 0 < len(ops._PLANS) <= 8

@@ -6,8 +6,8 @@
 // kernels use) and `at::parallel_for`, and registers one operator: torch.ops.gaaf_patch.backward.
 //
 // act (what phi'(x) is, and what `t` holds):
-//   0 tanh      t = y = tanh(x):     phi' = 1 - y^2,     x = atanh(y)
-//   1 sigmoid   t = y = sigmoid(x):  phi' = y (1 - y),   x = log(y) - log1p(-y)
+//   0 tanh      t = y = tanh(x):     phi' = 1 - y^2,     x = atanh(y) = log2((1 + y) / (1 - y)) ln(2) / 2
+//   1 sigmoid   t = y = sigmoid(x):  phi' = y (1 - y),   x = logit(y) = log2(y / (1 - y)) ln(2)
 //   2 relu      t = x (or y: same sign):  phi' = [t > 0] (PyTorch's threshold_backward: 0 at t == 0)
 //   3 given     `base` already holds dy * phi'(x) (PyTorch's kernel), t = x: only the shape term is added
 //   4 tanh      t = x (sawtooth mode saves the input): phi' = 1 - tanh(x)^2
