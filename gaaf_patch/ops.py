@@ -162,7 +162,7 @@ def _multiplier(saved: Tensor, from_output: bool, act: Activation, shape: ShapeF
 
 # The fused C++ kernel (gaaf_patch.kernels): its codes for phi' and for the shape family.
 _K_TANH_Y, _K_SIGMOID_Y, _K_RELU, _K_GIVEN, _K_TANH_X, _K_SIGMOID_X = 0, 1, 2, 3, 4, 5
-_K_GAUSS, _K_SHIFTED_SIGMOID = 0, 1
+_K_GAUSS, _K_SHIFTED_SIGMOID, _K_BAND = 0, 1, 2
 _KERNEL_DTYPES = (torch.float32, torch.float64)
 _KERNEL_OP: list[Any] = []  # torch.ops.gaaf_patch.backward.default, once built
 # (id(act), id(shape), from_output, x given) -> (act, shape, plan): what to call, worked out once per site kind. The
@@ -173,14 +173,17 @@ _PLANS_MAX = 1024
 
 
 def _kernel_plan(act: Activation, shape: ShapeFn, from_output: bool, given_x: bool) -> tuple | None:
-    """``(phi' code, shape code, a, b, h, PyTorch's dy*phi' first?)`` for the kernel, or None (plain ops)."""
+    """``(phi' code, shape code, a, b, c, h, PyTorch's dy*phi' first?)`` for the kernel, or None (plain ops)."""
     native, p = _native(act), shape.params
     if native is None:
         return None
     if _is_gauss(shape):
-        fam = (_K_GAUSS, -_LOG2E / (p["width"] * p["scale"] * p["scale"]), float(p["center"]), float(p["height"]))
+        k = -_LOG2E / (p["width"] * p["scale"] * p["scale"])
+        fam = (_K_GAUSS, k, float(p["center"]), 0.0, float(p["height"]))
     elif shape.fn is _lib.shifted_sigmoid:
-        fam = (_K_SHIFTED_SIGMOID, float(p["slope"]), float(p["shift"]), float(p["height"]))
+        fam = (_K_SHIFTED_SIGMOID, float(p["slope"]), float(p["shift"]), 0.0, float(p["height"]))
+    elif shape.fn is _lib.band:
+        fam = (_K_BAND, float(p["slope"]), float(p["lo"] - p["margin"]), float(p["hi"] + p["margin"]), 1.0)
     else:
         return None
     if act.name == "relu" and (given_x or not from_output):
@@ -199,8 +202,8 @@ def _kernel_backward(
     """The whole backward in one fused CPU pass (two for activations with their own PyTorch kernel), or None.
 
     None (use the plain ops) off the CPU, for half types, under tracing (fake or functional tensors, Dynamo), in
-    double backward, for shapes other than the gauss and shifted-sigmoid families, or when the kernel is off or
-    cannot be built.
+    double backward, for shapes other than the gauss, shifted-sigmoid and band families, or when the kernel is off
+    or cannot be built.
     """
     if not (
         saved.is_cpu
@@ -227,13 +230,14 @@ def _kernel_backward(
         _KERNEL_OP.append(torch.ops.gaaf_patch.backward.default)
     elif not _kernels.enabled():
         return None
-    code, fam, a, b, h, given = plan
+    code, fam, a, b, c, h, given = plan
+    op = _KERNEL_OP[0]
     if x is not None:  # recomputed after a fused BatchNorm; saved = the output, whose sign is x's
-        return _KERNEL_OP[0](gy, x, _native(act)(gy, saved, params) if given else None, code, fam, a, b, h)
+        return op(gy, x, _native(act)(gy, saved, params) if given else None, code, fam, a, b, c, h)
     if not given:  # t = what was saved: the output (tanh, sigmoid in exact mode) or the input
-        return _KERNEL_OP[0](gy, saved, None, code, fam, a, b, h)
+        return op(gy, saved, None, code, fam, a, b, c, h)
     # PyTorch's own dy * phi'(x), then the shape
-    return _KERNEL_OP[0](gy, saved, _native(act)(gy, saved, params), code, fam, a, b, h)
+    return op(gy, saved, _native(act)(gy, saved, params), code, fam, a, b, c, h)
 
 
 def _backward(

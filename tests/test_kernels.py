@@ -54,7 +54,9 @@ def _reference(name: str, x: torch.Tensor) -> torch.Tensor:
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 @pytest.mark.parametrize("mode", ["exact", "sawtooth"])
-@pytest.mark.parametrize("name", ["tanh", "sigmoid", "relu", "leaky_relu", "gelu", "silu", "elu", "softplus"])
+@pytest.mark.parametrize(
+    "name", ["tanh", "sigmoid", "relu", "relu6", "leaky_relu", "gelu", "silu", "elu", "softplus", "hardswish"]
+)
 def test_kernel_equals_plain_ops_and_the_float64_formula(name, mode, dtype):
     torch.manual_seed(0)
     x = (torch.randn(37, 129) * 4).to(dtype)  # odd sizes: vector tails
@@ -133,7 +135,7 @@ def test_whole_model_gradients_match_plain_ops(model):
 
 
 @needs_kernel
-def test_not_used_for_half_types_double_backward_or_custom_shapes():
+def test_not_used_for_half_types_double_backward_or_other_shapes():
     calls = []
 
     class Spy(torch.utils._python_dispatch.TorchDispatchMode):
@@ -151,7 +153,8 @@ def test_not_used_for_half_types_double_backward_or_custom_shapes():
 
     assert "backward" in run(lambda t: gaaf(t, "tanh"), torch.randn(8))
     assert "backward" not in run(lambda t: gaaf(t, "tanh"), torch.randn(8, dtype=torch.bfloat16))
-    assert "backward" not in run(lambda t: gaaf(t, "tanh", "band"), torch.randn(8))
+    assert "backward" in run(lambda t: gaaf(t, "relu6"), torch.randn(8))  # the band shape
+    assert "backward" not in run(lambda t: gaaf(t, "tanh", "zero"), torch.randn(8))
     assert "backward" not in run(lambda t: gaaf(t, "tanh", lambda z: torch.cos(z)), torch.randn(8))
     x = torch.randn(8, dtype=F64, requires_grad=True)
     (g,) = torch.autograd.grad(gaaf(x, "tanh").sum(), x, create_graph=True)  # double backward: plain, differentiable

@@ -15,6 +15,7 @@
 // shape (s~, with s = h s~):
 //   0 gauss            s~ = exp2(a (x - b)^2)           (a = -log2(e) / (width scale^2), b = center)
 //   1 shifted_sigmoid  s~ = sigmoid(a (x + b))          (a = slope, b = shift)
+//   2 band             s~ = sigmoid(a (x - b)) sigmoid(a (c - x))   (a = slope, b = lo - margin, c = hi + margin)
 //
 // The Python side (gaaf_patch/kernels.py) builds this on first use and falls back to the plain ops when it cannot.
 #include <ATen/ATen.h>
@@ -55,7 +56,7 @@ constexpr double kLog2e = 1.442695040888963407359924681001892137;
 
 template <typename T>
 struct Args {
-  T a, b, h;
+  T a, b, c, h;
 };
 
 template <typename T, int Act, int Shape>
@@ -88,8 +89,11 @@ inline Vectorized<T> step(Vectorized<T> g, Vectorized<T> t, Vectorized<T> base, 
   if constexpr (Shape == 0) {
     V z = x - V(p.b);
     s = exp2_(V(p.a) * z * z);
-  } else {
+  } else if constexpr (Shape == 1) {
     s = one / (one + exp2_((x + V(p.b)) * V(T(-kLog2e) * p.a)));
+  } else {
+    const V k(T(-kLog2e) * p.a);
+    s = one / ((one + exp2_((x - V(p.b)) * k)) * (one + exp2_((V(p.c) - x) * k)));
   }
   return at::vec::fmadd(V(p.h) * g, s, dphi_g);
 }
@@ -118,12 +122,13 @@ void dispatch(const T* g, const T* t, const T* base, T* out, int64_t n, int64_t 
   GAAF_CASE(0, 0) GAAF_CASE(0, 1) GAAF_CASE(1, 0) GAAF_CASE(1, 1)
   GAAF_CASE(2, 0) GAAF_CASE(2, 1) GAAF_CASE(3, 0) GAAF_CASE(3, 1)
   GAAF_CASE(4, 0) GAAF_CASE(4, 1) GAAF_CASE(5, 0) GAAF_CASE(5, 1)
+  GAAF_CASE(0, 2) GAAF_CASE(1, 2) GAAF_CASE(2, 2) GAAF_CASE(3, 2) GAAF_CASE(4, 2) GAAF_CASE(5, 2)
 #undef GAAF_CASE
   TORCH_CHECK(false, "gaaf_patch.backward: unknown act/shape ", act, "/", shape);
 }
 
 at::Tensor backward(const at::Tensor& gy, const at::Tensor& t, const std::optional<at::Tensor>& base, int64_t act,
-                    int64_t shape, double a, double b, double h) {
+                    int64_t shape, double a, double b, double c, double h) {
   TORCH_CHECK(gy.device().is_cpu() && t.device().is_cpu(), "gaaf_patch.backward: CPU tensors only");
   TORCH_CHECK(gy.scalar_type() == t.scalar_type() && gy.sizes() == t.sizes(),
               "gaaf_patch.backward: dy and the saved tensor must have one dtype and one shape");
@@ -144,11 +149,11 @@ at::Tensor backward(const at::Tensor& gy, const at::Tensor& t, const std::option
   const int64_t n = tc.numel();
   if (tc.scalar_type() == at::kFloat) {
     dispatch<float>(g.const_data_ptr<float>(), tc.const_data_ptr<float>(), base ? bc.const_data_ptr<float>() : nullptr,
-                    out.mutable_data_ptr<float>(), n, act, shape, Args<float>{float(a), float(b), float(h)});
+                    out.mutable_data_ptr<float>(), n, act, shape, Args<float>{float(a), float(b), float(c), float(h)});
   } else if (tc.scalar_type() == at::kDouble) {
     dispatch<double>(g.const_data_ptr<double>(), tc.const_data_ptr<double>(),
                      base ? bc.const_data_ptr<double>() : nullptr, out.mutable_data_ptr<double>(), n, act, shape,
-                     Args<double>{a, b, h});
+                     Args<double>{a, b, c, h});
   } else {
     TORCH_CHECK(false, "gaaf_patch.backward: float32 or float64 only, got ", tc.scalar_type());
   }
@@ -158,7 +163,7 @@ at::Tensor backward(const at::Tensor& gy, const at::Tensor& t, const std::option
 }  // namespace
 
 TORCH_LIBRARY(gaaf_patch, m) {
-  m.def("backward(Tensor gy, Tensor t, Tensor? base, int act, int shape, float a, float b, float h) -> Tensor");
+  m.def("backward(Tensor gy, Tensor t, Tensor? base, int act, int shape, float a, float b, float c, float h) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(gaaf_patch, CPU, m) { m.impl("backward", &backward); }
