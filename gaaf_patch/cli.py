@@ -673,9 +673,9 @@ def _add_kernels_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "kernels",
         help="build the fused CPU backward kernel now (else it is built on first use) and say where it is cached",
-        description="Compile gaaf_patch's C++ CPU backward kernel (about 30 s, once per torch version and CPU "
-        "capability; cached under $TORCH_EXTENSIONS_DIR). Exit code 2 when it cannot be built: training then uses "
-        "plain torch ops, with the same results, more slowly.",
+        description="Compile gaaf_patch's C++ CPU backward kernel (about 30 s, once per torch version, CPU "
+        "capability and kernel source; cached under $TORCH_EXTENSIONS_DIR). Exit code 2 when it cannot be built: "
+        "training then uses plain torch ops, with the same results, more slowly.",
     )
     p.set_defaults(func=_cmd_kernels)
 

@@ -41,11 +41,11 @@ _ISA = {
 
 
 class KernelBuildError(RuntimeError):
-    """The C++ kernel could not be built or loaded (with ``GAAF_KERNELS=on``)."""
+    """The C++ kernel could not be built or loaded (raised by :func:`available` only with ``GAAF_KERNELS=on``)."""
 
 
 _lock = threading.Lock()
-_state: dict[str, object] = {"loaded": None, "error": None}
+_state: dict[str, bool | None] = {"loaded": None}
 _enabled = os.environ.get("GAAF_KERNELS", "auto").lower() not in ("off", "0", "false", "no")
 
 
@@ -78,6 +78,8 @@ def build(verbose: bool = False) -> Path:
 
     cap = torch.backends.cpu.get_cpu_capability()
     macros, arch = _ISA.get(cap, ([], []))
+    if sys.platform == "win32":
+        raise KernelBuildError("gaaf_patch's CPU kernel is built on Linux and macOS only; plain torch ops are used")
     if shutil.which("ninja") is None:  # pip's ninja lives in the environment's bin/, which may not be on PATH
         try:
             import ninja
@@ -85,8 +87,6 @@ def build(verbose: bool = False) -> Path:
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
         except ImportError:
             pass
-    if sys.platform == "win32":
-        raise KernelBuildError("gaaf_patch's CPU kernel is built on Linux and macOS only; plain torch ops are used")
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []  # Apple's clang has no OpenMP: one thread
     try:
         name = _name()
@@ -125,7 +125,7 @@ def available() -> bool:
             except KernelBuildError as e:
                 if os.environ.get("GAAF_KERNELS", "").lower() == "on":
                     raise
-                _state["loaded"], _state["error"] = False, e
+                _state["loaded"] = False
                 warnings.warn(f"{e}; falling back to plain torch ops (slower)", RuntimeWarning, stacklevel=2)
     return bool(_state["loaded"])
 
