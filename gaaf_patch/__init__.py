@@ -10,6 +10,7 @@ from .api import PatchError, patch, unpatch
 from .backend import compile
 from .calibrate import calibrate
 from .config import PatchConfig
+from .gradscale import GradientScale, measure_gradient_scale
 from .modules import GAAF, StrippedDropout
 from .ops import gaaf
 from .report import Report, report
@@ -19,6 +20,8 @@ __all__ = [
     "unpatch",
     "compile",
     "calibrate",
+    "measure_gradient_scale",
+    "GradientScale",
     "report",
     "gaaf",
     "GAAF",

@@ -40,6 +40,7 @@ class Activation:
     defaults: Mapping[str, Any] = field(default_factory=dict)
     inverse: Callable[[Tensor], Tensor] | None = None
     gate_like: bool = False  # sigmoid-shaped: in "auto" mode, a site whose output multiplies a tensor is a gate
+    slope: float = 1.0  # phi' where the unit is not saturated (its linear regime): what the "auto" gain blends toward
 
     def __reduce__(self):
         return (get, (self.name,))  # by name: the table holds lambdas, which do not pickle
@@ -155,7 +156,7 @@ ACTIVATIONS: dict[str, Activation] = {
         Activation("relu6", lambda x: F.relu6(x), lambda x, y: _hardtanh_d(x, y, 0.0, 6.0)),
         Activation("leaky_relu", F.leaky_relu, _leaky_d, {"negative_slope": 0.01}),
         Activation("elu", F.elu, _elu_d, {"alpha": 1.0}),
-        Activation("selu", lambda x: F.selu(x), _selu_d),
+        Activation("selu", lambda x: F.selu(x), _selu_d, slope=_SELU_SCALE),
         Activation("celu", F.celu, _celu_d, {"alpha": 1.0}),
         Activation("gelu", F.gelu, _gelu_d, {"approximate": "none"}),
         Activation("silu", lambda x: F.silu(x), _silu_d),
@@ -164,8 +165,8 @@ ACTIVATIONS: dict[str, Activation] = {
         Activation("softplus", F.softplus, _softplus_d, {"beta": 1.0, "threshold": 20.0}),
         Activation("tanh", torch.tanh, _tanh_d, inverse=_atanh_clamped),
         Activation("hardtanh", F.hardtanh, _hardtanh_d, {"min_val": -1.0, "max_val": 1.0}),
-        Activation("sigmoid", torch.sigmoid, _sigmoid_d, inverse=_logit_clamped, gate_like=True),
-        Activation("hardsigmoid", lambda x: F.hardsigmoid(x), _hardsigmoid_d, gate_like=True),
+        Activation("sigmoid", torch.sigmoid, _sigmoid_d, inverse=_logit_clamped, gate_like=True, slope=0.25),
+        Activation("hardsigmoid", lambda x: F.hardsigmoid(x), _hardsigmoid_d, gate_like=True, slope=1.0 / 6.0),
         Activation("hardswish", lambda x: F.hardswish(x), _hardswish_d),
     ]
 }

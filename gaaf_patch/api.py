@@ -32,7 +32,8 @@ def patch(
     model: nn.Module,
     *,
     activations: str | Sequence[str] = "auto",
-    shapes: Mapping[str, ShapeLike] | None = None,
+    shapes: str | Mapping[str, ShapeLike] | None = None,
+    gain: str | None = None,
     strip_dropout: bool = False,
     strip_droppath: bool = False,
     mode: str = "exact",
@@ -43,12 +44,16 @@ def patch(
 
     The model keeps its class, methods, attributes and ``state_dict`` keys. ``activations``: ``"auto"`` (every
     activation but gates), ``"all"``, or names. ``shapes``: overrides keyed by activation name or module-name pattern
-    (``{"relu": "relu_keras", "layer4.*": my_fn}``). ``filter_fn(module, name)`` picks sites. Patching twice changes
+    (``{"relu": "relu_keras", "layer4.*": my_fn}``), or a preset: ``"auto"`` (default) or ``"paper"``. ``gain``:
+    ``"auto"`` (default: the depth-safe blend of :mod:`gaaf_patch.gain`, which keeps a deep network's gradient scale)
+    or ``"paper"`` (``phi' + s``, whose gain compounds with depth); ``shapes="paper"`` is ``gain="paper"``. ``filter_fn(module, name)`` picks sites. Patching twice changes
     nothing more; ``unpatch`` undoes it. Sites that could not be rewritten are in ``report(model).unreached`` and
     produce one warning.
     """
     _check_model(model)
-    config = build(activations, shapes, strip_dropout=strip_dropout, strip_droppath=strip_droppath, mode=mode, K=K)
+    config = build(
+        activations, shapes, gain, strip_dropout=strip_dropout, strip_droppath=strip_droppath, mode=mode, K=K
+    )
     record: PatchRecord | None = model.__dict__.get(RECORD_ATTR)
     if record is None:
         record = PatchRecord(config=_config_dict(config))

@@ -53,7 +53,7 @@ from . import ops
 from .config import PatchConfig, PatchError, ShapeLike, build
 from .modules import GAAF
 from .ops import DEFAULT_K
-from .passes import targets
+from .passes import budget, targets
 from .passes.context import Context
 from .passes.functional import Rewriter
 
@@ -219,6 +219,7 @@ class GAAFPass(PassBase):
         ctx = Context(root=gm, config=self.config)
         rewriter = _DynamoRewriter(ctx, gm, "")
         n = rewriter.rewrite(graph)
+        budget.assign(gm)  # sites of this graph (a graph break splits the count)
         self.last_unreached += list(rewriter.unreached.values()) + ctx.unreached
         added = set(rewriter.added)
         for node in list(graph.nodes):
@@ -362,15 +363,16 @@ def compile(
     *,
     strip_dropout: bool = False,
     activations: str | Sequence[str] = "auto",
-    shapes: Mapping[str, ShapeLike] | None = None,
+    shapes: str | Mapping[str, ShapeLike] | None = None,
     mode: str = "exact",
     K: float = DEFAULT_K,
+    gain: str | None = None,
     compile_mode: str | None = None,
     **torch_compile_kwargs: Any,
 ) -> Any:
     """``torch.compile(model)`` with GAAF activations: the model itself is left as it is.
 
-    ``strip_dropout``, ``activations``, ``shapes``, ``mode`` and ``K`` mean what they mean for
+    ``strip_dropout``, ``activations``, ``shapes``, ``gain``, ``mode`` and ``K`` mean what they mean for
     :func:`gaaf_patch.patch` (``shapes`` patterns match Dynamo's module paths, e.g. ``"layer1.0.act1"``).
     ``mode`` is GAAF's, so torch.compile's own ``mode`` is spelled ``compile_mode``; every other keyword
     (``dynamic``, ``fullgraph``, ``options``, ...) goes to ``torch.compile`` as is. DropPath reaches Dynamo's graph
@@ -379,5 +381,5 @@ def compile(
     """
     if "backend" in torch_compile_kwargs:
         raise PatchError("gaaf_patch.compile picks the backend itself; call torch.compile(model, backend=...) instead")
-    config = build(activations, shapes, strip_dropout=strip_dropout, mode=mode, K=K)
+    config = build(activations, shapes, gain, strip_dropout=strip_dropout, mode=mode, K=K)
     return torch.compile(model, backend=GAAFBackend(config), mode=compile_mode, **torch_compile_kwargs)

@@ -99,7 +99,9 @@ def calibrate_from(
             "gaaf-patch: calibrate: no activation site is fed by dropout; every site keeps its default shape",
             stacklevel=2,
         )
-    return patch(model, strip_dropout=True, shapes={**patterns, **calibrated, **by_activation}, **patch_options)
+    shapes = {**patterns, **calibrated, **by_activation}
+    # the calibrated shape is dropout's own excess gradient, so it is added as measured (the paper's gain)
+    return patch(model, strip_dropout=True, shapes=shapes, **{"gain": "paper", **patch_options})
 
 
 def calibrate(

@@ -28,6 +28,8 @@ import torch
 from torch import Tensor, nn
 
 from .api import PatchError, patch
+from .config import GAINS
+from .gradscale import GradientScale, measure_gradient_scale
 from .models import CheckpointError, ModelSpecError, build_model, default_input_size, load_checkpoint
 from .models import output_tensors as _tensors
 from .ops import DEFAULT_K, MODES
@@ -208,6 +210,10 @@ def _add_patch_options(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     g.add_argument("--strip-dropout", action="store_true", help="replace dropout by identity")
     g.add_argument("--strip-droppath", action="store_true", help="replace drop-path (stochastic depth) by identity")
+    g.add_argument(
+        "--gain", choices=GAINS, default="auto",
+        help="auto: the depth-safe blend that keeps the gradient scale (default); paper: phi' + s, as in the paper",
+    )  # fmt: skip
     g.add_argument("--mode", choices=MODES, default="exact", help="exact: forward unchanged (default); sawtooth")
     g.add_argument("--K", type=float, default=DEFAULT_K, help=f"sawtooth frequency (default {DEFAULT_K:g})")
 
@@ -216,6 +222,7 @@ def _patch_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "activations": args.activations,
         "shapes": dict(args.shapes),
+        "gain": args.gain,
         "strip_dropout": args.strip_dropout,
         "strip_droppath": args.strip_droppath,
         "mode": args.mode,
@@ -262,6 +269,10 @@ def _cmd_patch(args: argparse.Namespace) -> int:
     rep = report(model)
 
     check = verify(original, model, rep, input_shape, args.mode)
+    scale, scale_note = _gradient_scale(model, rep, input_shape)
+    rep = report(model)
+    if scale is not None and scale.warning():
+        print(scale.warning(), file=sys.stderr)
 
     saved = None
     if args.out and check.ok:
@@ -282,11 +293,39 @@ def _cmd_patch(args: argparse.Namespace) -> int:
         }
         if calibration is not None:
             doc["calibration"] = calibration
+        if scale_note:
+            doc["gradient_scale_note"] = scale_note
         print(json.dumps(doc, indent=2, default=str))
     else:
         _print_calibration(calibration)
         _print_report(args.model, rep, check, seconds, checkpoint, saved, args.out)
+        _print_gradient_scale(scale, scale_note)
     return 0 if check.ok else 1
+
+
+def _gradient_scale(model: nn.Module, rep: Report, input_shape: Sequence[int]) -> tuple[GradientScale | None, str]:
+    """The train-mode gradient-norm ratio patched / plain on the check's batch, or why it was not measured."""
+    if not rep.replaced:
+        return None, "no activation replaced"
+    batch = torch.randn(tuple(input_shape), generator=torch.Generator().manual_seed(SEED))
+    try:
+        return measure_gradient_scale(model, batch), ""
+    except (RuntimeError, ValueError) as e:  # e.g. BatchNorm in train mode on one value per channel
+        return None, f"not measured: {_one_line(e)}"
+
+
+def _print_gradient_scale(scale: GradientScale | None, note: str) -> None:
+    from rich.console import Console
+
+    console = Console(highlight=False, soft_wrap=True)
+    if scale is None:
+        if note != "no activation replaced":
+            console.print(f"gradient scale {note}", markup=False)
+        return
+    word = "[green]ok[/]" if scale.safe else "[yellow]outside [0.5, 2][/]"
+    console.print(
+        f"gradient norm patched / plain (train mode): input x{scale.input:.3g}, parameters x{scale.params:.3g}: {word}"
+    )
 
 
 def _print_report(
@@ -390,7 +429,7 @@ def _add_finetune_parser(sub: argparse._SubParsersAction) -> None:
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=_positive_int, default=3, help="total epochs, also when resuming (default 3)")
     t.add_argument("--batch-size", type=_positive_int, default=64, help="per process (default 64)")
-    t.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 0.001; see docs/finetune.md)")
+    t.add_argument("--lr", type=float, default=0.01, help="learning rate (default 0.01; see docs/finetune.md)")
     t.add_argument(
         "--opt", default="sgd", help="timm optimizer name: sgd (Nesterov momentum), adamw, ... (default sgd)"
     )

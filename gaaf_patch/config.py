@@ -15,7 +15,9 @@ from .shapes import ShapeFn, get, resolve
 
 ShapeLike = str | ShapeFn | Callable[[Tensor], Tensor]
 
-__all__ = ["PatchConfig", "PatchError", "build"]
+__all__ = ["PatchConfig", "PatchError", "build", "GAINS"]
+
+GAINS = ("auto", "paper")  # gaaf_patch.gain: the depth-safe blend; the paper's phi' + s
 
 
 class PatchError(ValueError):
@@ -24,7 +26,11 @@ class PatchError(ValueError):
 
 @dataclass(frozen=True)
 class PatchConfig:
-    """What :func:`gaaf_patch.patch` does. ``shapes`` keys are activation names or module-name patterns."""
+    """What :func:`gaaf_patch.patch` does. ``shapes`` keys are activation names or module-name patterns.
+
+    ``gain``: ``"auto"`` (the depth-safe blend of gaaf_patch.gain) or ``"paper"`` (``phi' + s``). ``mode="sawtooth"``
+    is the paper's literal equations and always has the paper's gain.
+    """
 
     activations: str | tuple[str, ...] = "auto"
     shapes: Mapping[str, ShapeLike] = field(default_factory=dict)
@@ -32,8 +38,13 @@ class PatchConfig:
     strip_droppath: bool = False
     mode: str = "exact"
     K: float = DEFAULT_K
+    gain: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.gain not in GAINS:
+            raise ValueError(f"unknown gain {self.gain!r}; use one of {', '.join(GAINS)}")
+        if self.mode == "sawtooth":
+            object.__setattr__(self, "gain", "paper")
         acts = self.activations
         if isinstance(acts, str) and acts not in ("auto", "all"):
             acts = tuple(a.strip() for a in acts.split(",") if a.strip())
@@ -87,23 +98,45 @@ class PatchConfig:
             "strip_droppath": self.strip_droppath,
             "mode": self.mode,
             "K": self.K,
+            "gain": self.gain,
         }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> PatchConfig:
-        unknown = set(d) - {"activations", "shapes", "strip_dropout", "strip_droppath", "mode", "K"}
+        unknown = set(d) - {"activations", "shapes", "strip_dropout", "strip_droppath", "mode", "K", "gain"}
         if unknown:
             raise ValueError(f"unknown patch config keys {sorted(unknown)}")
         acts = d.get("activations", "auto")
-        return cls(**{**d, "activations": acts if isinstance(acts, str) else tuple(acts)})
+        # a config written before the auto gain existed was patched with the paper's gain: replay that
+        gain = d.get("gain", "paper")
+        return cls(**{**d, "activations": acts if isinstance(acts, str) else tuple(acts), "gain": gain})
 
 
-def build(activations: str | Sequence[str] = "auto", shapes: Mapping[str, ShapeLike] | None = None, **options: Any):
-    """A :class:`PatchConfig` from the keyword options of ``patch`` / ``compile``; bad options raise PatchError."""
+def build(
+    activations: str | Sequence[str] = "auto",
+    shapes: str | Mapping[str, ShapeLike] | None = None,
+    gain: str | None = None,
+    **options: Any,
+):
+    """A :class:`PatchConfig` from the keyword options of ``patch`` / ``compile``; bad options raise PatchError.
+
+    ``shapes`` may be a preset: ``"auto"`` (the default shapes with the auto gain) or ``"paper"`` (the default shapes
+    with the paper's gain, as the paper and gaaf-patch 0.1 had them).
+    """
     try:
+        if isinstance(shapes, str):
+            if shapes not in GAINS:
+                raise ValueError(
+                    f"shapes={shapes!r}: a string names a preset, 'auto' or 'paper'; "
+                    "give a shape per activation as shapes={'relu': 'relu_keras'}"
+                )
+            if gain is not None and gain != shapes:
+                raise ValueError(f"shapes={shapes!r} and gain={gain!r} contradict each other; give one")
+            gain, shapes = shapes, None
         return PatchConfig(
             activations=activations if isinstance(activations, str) else tuple(activations),
             shapes=dict(shapes or {}),
+            gain=gain or "auto",
             **options,
         )
     except (KeyError, ValueError, TypeError) as e:

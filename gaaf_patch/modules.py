@@ -36,6 +36,8 @@ class GAAF(nn.Module):
     ``GAAF("tanh")`` uses tanh's default shape; ``GAAF("leaky_relu", "relu_keras", negative_slope=0.1)`` picks one.
     """
 
+    delta: float | None = None  # GAAF modules pickled before the auto gain existed load with the paper's form
+
     def __init__(
         self,
         activation: str,
@@ -46,10 +48,14 @@ class GAAF(nn.Module):
         site: Site | None = None,
         original: Any = None,
         phi: Any = None,
+        delta: float | None = None,
         **params: Any,
     ) -> None:
         super().__init__()
         ops.check_mode(mode, K)
+        # The auto gain's energy allowance (gaaf_patch.gain; None: the paper's phi' + s). ``patch`` sets it from the
+        # number of sites in the model; a plain attribute, not state.
+        self.delta = ops.check_gain(mode, delta)
         self.act = _acts.get(activation)
         self.params = self.act.params(params)
         self.shape = resolve(shape if shape is not None else activation)
@@ -66,13 +72,18 @@ class GAAF(nn.Module):
         return self.act.name
 
     def forward(self, x: Tensor) -> Tensor:
-        return ops.apply(x, self.act, self.shape, self.mode, self.K, self.params, self.phi)
+        return ops.apply(x, self.act, self.shape, self.mode, self.K, self.params, self.phi, self.delta)
 
     def extra_repr(self) -> str:
         p = "".join(f", {k}={v!r}" for k, v in self.params.items())
-        return f"{self.act.name}{p}, shape={self.shape!r}, mode={self.mode}" + (
+        return f"{self.act.name}{p}, shape={self.shape!r}, gain={self.gain}, mode={self.mode}" + (
             f", K={self.K:g}" if self.mode == "sawtooth" else ""
         )
+
+    @property
+    def gain(self) -> str:
+        """``auto(delta=...)``: the depth-safe blend (gaaf_patch.gain); ``paper``: ``phi' + s``."""
+        return "paper" if self.delta is None else f"auto(delta={self.delta:.4g})"
 
     def describe(self) -> dict[str, Any]:
         """The report entry for this site."""
@@ -82,6 +93,7 @@ class GAAF(nn.Module):
             "activation": self.act.name,
             "params": dict(self.params),
             "shape": self.shape.spec,
+            "gain": self.gain,
             "mode": self.mode,
             "K": self.K,
         }

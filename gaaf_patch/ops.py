@@ -34,6 +34,7 @@ from torch import Tensor
 
 from . import activations as _acts
 from . import fused as _fused
+from . import gain as _gain
 from . import kernels as _kernels
 from .activations import Activation
 from .shapes import ShapeFn, resolve
@@ -150,14 +151,41 @@ def _shape_term(shape: ShapeFn, x: Tensor, owned: bool) -> tuple[Tensor | None, 
     return s, 1.0
 
 
-def _multiplier(saved: Tensor, from_output: bool, act: Activation, shape: ShapeFn, params: Mapping[str, Any]) -> Tensor:
-    """phi'(x) + s(x), from the saved input, or from the output through the activation's inverse (generic path)."""
-    t = _opmath(saved)
+def _x_y(t: Tensor, from_output: bool, act: Activation, params: Mapping[str, Any]) -> tuple[Tensor, Tensor | None]:
+    """``(x, y)`` from what was saved (opmath dtype): the output through the inverse, or the input."""
     if from_output:
-        x, y = act.inverse(t), t
-    else:
-        x, y = t, (act.phi(t, **params) if act.inverse is not None else None)
-    return act.dphi(x, y, **params) + shape(x)
+        return act.inverse(t), t
+    return t, (act.phi(t, **params) if act.inverse is not None else None)
+
+
+def _multiplier(
+    saved: Tensor,
+    from_output: bool,
+    act: Activation,
+    shape: ShapeFn,
+    params: Mapping[str, Any],
+    c: Tensor | None = None,
+) -> Tensor:
+    """phi'(x) + s(x) (or the auto blend ``phi' + c s~ (slope - phi')``), from the saved input, or from the output
+    through the activation's inverse (generic path)."""
+    x, y = _x_y(_opmath(saved), from_output, act, params)
+    dphi = act.dphi(x, y, **params)
+    if c is None:
+        return dphi + shape(x)
+    s, _h = _shape_term(shape, x, owned=False)
+    return dphi if s is None else dphi + c * s * (act.slope - dphi)
+
+
+def _blend_coefficient(
+    saved: Tensor, from_output: bool, act: Activation, shape: ShapeFn, params: Mapping[str, Any], delta: float
+) -> Tensor:
+    """The auto gain's ``c`` for this batch (gaaf_patch.gain), from a sample of what backward has: a 0-dim tensor."""
+    x, y = _x_y(_opmath(_gain.sample(saved)), from_output, act, params)
+    dphi = act.dphi(x, y, **params)
+    s, _h = _shape_term(shape, x, owned=False)
+    if s is None:
+        return dphi.new_zeros(())
+    return _gain.coefficient(dphi, s.mul_(act.slope - dphi) if s is not x else s * (act.slope - dphi), delta)
 
 
 # The fused C++ kernel (gaaf_patch.kernels): its codes for phi' and for the shape family.
@@ -197,7 +225,14 @@ def _kernel_plan(act: Activation, shape: ShapeFn, from_output: bool, given_x: bo
 
 
 def _kernel_backward(
-    saved: Tensor, gy: Tensor, from_output: bool, act: Activation, shape: ShapeFn, params, x: Tensor | None
+    saved: Tensor,
+    gy: Tensor,
+    from_output: bool,
+    act: Activation,
+    shape: ShapeFn,
+    params,
+    x: Tensor | None,
+    c: Tensor | None = None,
 ) -> Tensor | None:
     """The whole backward in one fused CPU pass (two for activations with their own PyTorch kernel), or None.
 
@@ -230,25 +265,48 @@ def _kernel_backward(
         _KERNEL_OP.append(torch.ops.gaaf_patch.backward.default)
     elif not _kernels.enabled():
         return None
-    code, fam, a, b, c, h, given = plan
+    code, fam, a, b, c3, h, given = plan
+    u, v = 1.0, 0.0  # the paper's form: + h s~
+    if c is not None:  # the auto blend: + c s~ (slope - phi')
+        h, u, v = float(c), act.slope, 1.0
     op = _KERNEL_OP[0]
     if x is not None:  # recomputed after a fused BatchNorm; saved = the output, whose sign is x's
-        return op(gy, x, _native(act)(gy, saved, params) if given else None, code, fam, a, b, c, h)
+        return op(gy, x, _native(act)(gy, saved, params) if given else None, code, fam, a, b, c3, h, u, v)
     if not given:  # t = what was saved: the output (tanh, sigmoid in exact mode) or the input
-        return op(gy, saved, None, code, fam, a, b, c, h)
+        return op(gy, saved, None, code, fam, a, b, c3, h, u, v)
     # PyTorch's own dy * phi'(x), then the shape
-    return op(gy, saved, _native(act)(gy, saved, params), code, fam, a, b, c, h)
+    return op(gy, saved, _native(act)(gy, saved, params), code, fam, a, b, c3, h, u, v)
+
+
+def _add_shape(out: Tensor, g: Tensor, s: Tensor | None, h: float, act: Activation, c: Tensor | None) -> Tensor:
+    """``out = dy phi'`` plus the shape term, in place: ``h dy s~`` (paper) or ``c s~ (slope dy - dy phi')`` (auto)."""
+    if s is None:
+        return out
+    if c is None:
+        return out.addcmul_(g, s, value=h)
+    return out.addcmul_(torch.mul(g, act.slope).sub_(out), s.mul_(c))
 
 
 def _backward(
-    saved: Tensor, gy: Tensor, from_output: bool, act: Activation, shape: ShapeFn, params, x: Tensor | None = None
+    saved: Tensor,
+    gy: Tensor,
+    from_output: bool,
+    act: Activation,
+    shape: ShapeFn,
+    params,
+    x: Tensor | None = None,
+    delta: float | None = None,
 ) -> Tensor:
     """dx = dy (phi'(x) + s(x)) in the opmath dtype, returned in ``gy``'s dtype.
 
     ``x``: the input, recomputed from a fused BatchNorm (``saved`` is then the output of a ReLU-family activation,
-    whose ``phi'`` the output determines exactly).
+    whose ``phi'`` the output determines exactly). ``delta``: the auto gain's energy allowance (gaaf_patch.gain);
+    None for the paper's ``phi' + s``.
     """
-    dx = _kernel_backward(saved, gy, from_output, act, shape, params, x)
+    c = None
+    if delta is not None:
+        c = _blend_coefficient(saved if x is None else x, from_output and x is None, act, shape, params, delta)
+    dx = _kernel_backward(saved, gy, from_output, act, shape, params, x, c)
     if dx is not None:
         return dx
     t = _opmath(saved)
@@ -256,15 +314,14 @@ def _backward(
     native = _native(act)
     if x is not None:
         if native is None or torch.is_grad_enabled():
-            return (_multiplier(x, False, act, shape, params) * g).to(gy.dtype)
+            return (_multiplier(x, False, act, shape, params, c) * g).to(gy.dtype)
         out = native(g, t, params)
         s, h = _shape_term(shape, x, owned=True)
-        if s is not None:
-            out.addcmul_(g, s, value=h)
+        out = _add_shape(out, g, s, h, act, c)
         return out if out.dtype == gy.dtype else out.to(gy.dtype)
     if native is None or torch.is_grad_enabled():
         # unknown activation, or double backward: out of place, differentiable
-        return (_multiplier(saved, from_output, act, shape, params) * g).to(gy.dtype)
+        return (_multiplier(saved, from_output, act, shape, params, c) * g).to(gy.dtype)
     # dy phi'(x): one fused kernel; tanh's and sigmoid's take the output, recomputed when x was saved (sawtooth)
     out = native(g, act.phi(t, **params) if act.inverse is not None and not from_output else t, params)
     if from_output:
@@ -276,8 +333,7 @@ def _backward(
             s, h = None, 0.0
     else:
         s, h = _shape_term(shape, t, owned=False)
-    if s is not None:
-        out.addcmul_(g, s, value=h)
+    out = _add_shape(out, g, s, h, act, c)
     return out if out.dtype == gy.dtype else out.to(gy.dtype)
 
 
@@ -299,9 +355,9 @@ class GAAFFunction(torch.autograd.Function):
     """``y = phi(x) [+ g(x) s(x)]``, ``dx = dy * (phi'(x) + s(x))``; saves one tensor."""
 
     @staticmethod
-    def forward(ctx, x, act, shape, mode, K, params, phi=None):  # noqa: D102
+    def forward(ctx, x, act, shape, mode, K, params, phi=None, delta=None):  # noqa: D102
         y = _forward(x, act, shape, mode, K, params, phi)
-        ctx.act, ctx.shape, ctx.params = act, shape, params
+        ctx.act, ctx.shape, ctx.params, ctx.delta = act, shape, params, delta
         # The output suffices only in exact mode: in sawtooth mode it carries g(x) s(x), and inverting it would
         # evaluate phi' + s at a shifted x (by up to 1/(2K phi'(x)), large in the saturation).
         ctx.from_output = act.inverse is not None and mode == "exact"
@@ -315,20 +371,28 @@ class GAAFFunction(torch.autograd.Function):
     def backward(ctx, gy):  # noqa: D102
         (saved,) = ctx.saved_tensors
         x = None if ctx.src is None else _fused.recompute_input(ctx.src)
-        dx = _backward(saved, gy, ctx.from_output, ctx.act, ctx.shape, ctx.params, x)
-        return dx, None, None, None, None, None, None
+        dx = _backward(saved, gy, ctx.from_output, ctx.act, ctx.shape, ctx.params, x, ctx.delta)
+        return dx, None, None, None, None, None, None, None
 
 
 def apply(
-    x: Tensor, act: Activation, shape: ShapeFn, mode: str, K: float, params: Mapping[str, Any], phi=None
+    x: Tensor,
+    act: Activation,
+    shape: ShapeFn,
+    mode: str,
+    K: float,
+    params: Mapping[str, Any],
+    phi=None,
+    delta: float | None = None,
 ) -> Tensor:
     """GAAF on already-validated arguments (the hot path used by :class:`gaaf_patch.GAAF`).
 
     ``phi``, when given, computes the forward instead of ``act.phi`` (a timm module whose formula differs from the
-    torch function in the last bit): exact mode stays bit-identical to the module it replaced.
+    torch function in the last bit): exact mode stays bit-identical to the module it replaced. ``delta``: the auto
+    gain's per-site energy allowance (exact mode only; gaaf_patch.gain), None for the paper's ``phi' + s``.
     """
     if torch.is_grad_enabled() and x.requires_grad:
-        return GAAFFunction.apply(x, act, shape, mode, K, params, phi)
+        return GAAFFunction.apply(x, act, shape, mode, K, params, phi, delta)
     return _forward(x, act, shape, mode, K, params, phi)
 
 
@@ -346,13 +410,26 @@ def gaaf(
     *,
     mode: Mode = "exact",
     K: float = DEFAULT_K,
+    delta: float | None = None,
     **params: Any,
 ) -> Tensor:
     """Apply the GAAF version of ``activation`` to ``x``.
 
     ``shape`` defaults to the activation's registered default (``gaaf_patch.shapes.get(activation)``); ``params``
-    are the activation's own (``negative_slope=0.1``, ``approximate="tanh"``, ...).
+    are the activation's own (``negative_slope=0.1``, ``approximate="tanh"``, ...). ``delta``: None (default) is
+    the paper's gradient ``phi' + s``; a number is the depth-safe auto gain with that energy allowance
+    (gaaf_patch.gain; exact mode only).
     """
     act = _acts.get(activation)
     check_mode(mode, K)
-    return apply(x, act, resolve(shape if shape is not None else activation), mode, float(K), act.params(params))
+    delta = check_gain(mode, delta)
+    shape_fn = resolve(shape if shape is not None else activation)
+    return apply(x, act, shape_fn, mode, float(K), act.params(params), delta=delta)
+
+
+def check_gain(mode: str, delta: float | None) -> float | None:
+    """A validated energy allowance; the auto gain is an exact-mode gradient (sawtooth is the paper's literal form)."""
+    delta = _gain.check_delta(delta)
+    if delta is not None and mode != "exact":
+        raise ValueError("the auto gain (delta) needs mode='exact'; mode='sawtooth' is the paper's literal form")
+    return delta

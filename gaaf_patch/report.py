@@ -27,6 +27,7 @@ class Report:
     skipped: list[dict[str, Any]] = field(default_factory=list)
     fused: list[dict[str, Any]] = field(default_factory=list)  # BatchNorms a ReLU site recomputes from (passes/fuse)
     config: dict[str, Any] | None = None
+    gradient_scale: dict[str, Any] | None = None  # patched / plain gradient norms, when measured (gradscale.py)
 
     def __bool__(self) -> bool:
         return bool(self.replaced or self.stripped or self.unreached)
@@ -39,6 +40,7 @@ class Report:
             "skipped": self.skipped,
             "fused": self.fused,
             "config": self.config,
+            "gradient_scale": self.gradient_scale,
             "summary": self.summary(),
         }
 
@@ -80,5 +82,6 @@ def report(model: nn.Module) -> Report:
         rep.unreached.extend(record.unreached)
         rep.skipped.extend(record.skipped)
         rep.config = record.config
+        rep.gradient_scale = getattr(record, "gradient_scale", None)
     rep.replaced.sort(key=lambda r: r["name"])
     return rep

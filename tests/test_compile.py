@@ -22,6 +22,7 @@ from torch._dynamo.utils import counters
 import gaaf_patch
 from gaaf_patch.backend import GAAFBackend, GAAFPass, gaaf_backend, uuid
 from gaaf_patch.config import PatchConfig
+from gaaf_patch.gain import delta_for
 from gaaf_patch.passes import targets
 from gaaf_patch.shapes import get as get_shape
 from tests.toys import EveryForm, SmallCNN, mlp
@@ -188,9 +189,11 @@ class Break(nn.Module):
 
 def test_graph_break_patches_both_subgraphs():
     model, x = Break(), torch.randn(6, 8) * 2
-    ref = gaaf_patch.patch(copy.deepcopy(model))
+    # the paper's gain: with the auto gain, an active ReLU keeps its gradient, and this loss (y^2 of a ReLU's output)
+    # sends none to the inactive ones, so the last site would change nothing to see
+    ref = gaaf_patch.patch(copy.deepcopy(model), gain="paper")
     counters.clear()
-    backend = _aot()
+    backend = _aot(gain="paper")
     compiled = torch.compile(copy.deepcopy(model), backend=backend)
     got = _run(compiled, x)
     assert counters["stats"]["unique_graphs"] == 2
@@ -198,7 +201,9 @@ def test_graph_break_patches_both_subgraphs():
     plain = _run(model, x)
     assert not torch.allclose(got[1], plain[1])  # gradients through both sites changed
     torch._dynamo.reset()
-    half = torch.compile(copy.deepcopy(model), backend=_aot(activations=["tanh"]))  # only the first subgraph's site
+    half = torch.compile(
+        copy.deepcopy(model), backend=_aot(activations=["tanh"], gain="paper")
+    )  # only the first subgraph's site
     assert not torch.allclose(_run(half, x)[1], got[1])
 
 
@@ -221,10 +226,11 @@ class InPlaceRef(InPlace):
     """What InPlace computes with GAAF sites, written out."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = gaaf_patch.gaaf(self.a(x), "relu")
+        d = delta_for(3)  # three sites in the graph: each gets the auto gain's allowance for 3
+        h = gaaf_patch.gaaf(self.a(x), "relu", delta=d)
         g = h * 3.0
-        g = torch.cat([gaaf_patch.gaaf(g[:, :4], "relu"), g[:, 4:]], 1)
-        return h * 2.0 + gaaf_patch.gaaf(h, "tanh") + g
+        g = torch.cat([gaaf_patch.gaaf(g[:, :4], "relu", delta=d), g[:, 4:]], 1)
+        return h * 2.0 + gaaf_patch.gaaf(h, "tanh", delta=d) + g
 
 
 def test_inplace_activation_whose_input_is_read_later():
@@ -316,7 +322,7 @@ def test_gradient_is_phi_prime_plus_s_and_differs_from_inductor(activation):
     x = torch.linspace(-4, 4, 101)
     plain = _run(torch.compile(module, backend="inductor"), x)
     torch._dynamo.reset()
-    got = _run(torch.compile(copy.deepcopy(module), backend="gaaf"), x)
+    got = _run(gaaf_patch.compile(copy.deepcopy(module), shapes="paper"), x)
     xd = x.double().requires_grad_()
     phi = getattr(torch, activation)(xd)
     (dphi,) = torch.autograd.grad(phi.sum(), xd)
@@ -452,3 +458,14 @@ def test_timm_model_matches_eager_patch():
     want = _run(ref, x)
     for a, b in zip([got[0], got[1], *got[2]], [want[0], want[1], *want[2]], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3 * float(b.abs().max()))
+
+
+def test_a_graph_break_splits_the_auto_gain_site_count():
+    """Each Dynamo graph counts its own sites (gaaf_patch.gain): one site per graph here gets the allowance for 1."""
+    model, x = Break(), torch.randn(6, 8) * 2
+    ref = gaaf_patch.patch(copy.deepcopy(model))
+    for site in ref.modules():
+        if isinstance(site, gaaf_patch.GAAF):
+            site.delta = delta_for(1)
+    got = _run(torch.compile(copy.deepcopy(model), backend=_aot()), x)
+    _assert_same(got, _run(ref, x))

@@ -92,17 +92,34 @@ def test_same_forward_stats_and_close_gradients_as_unfused():
         assert torch.equal(b, c), name
 
 
-def test_float64_gradient_matches_formula():
+def _auto_relu_multiplier(z: torch.Tensor, delta: float) -> torch.Tensor:
+    """The auto gain of a ReLU site, written out: phi' + c s~ (1 - phi'), c from the energy budget."""
+    p = (z > 0).to(z.dtype)
+    st = torch.sigmoid(5 * (z + 0.5)) * (1 - p)
+    A, a = (p * p).mean(), (st * st).mean()  # p st = 0: the quadratic has no linear term
+    c = torch.sqrt(delta * A / a).clamp(max=1)
+    assert 0 < c < 1
+    return p + c * st
+
+
+@pytest.mark.parametrize("gain", ["paper", "auto"])
+def test_float64_gradient_matches_formula(gain):
     """In float64 the recomputed input equals the forward's to ~1e-15, so the fused gradient is the formula's."""
     torch.manual_seed(0)
     bn = nn.BatchNorm1d(5).double()
-    model = gaaf_patch.patch(nn.Sequential(bn, nn.ReLU()))
+    model = gaaf_patch.patch(nn.Sequential(bn, nn.ReLU()), gain=gain)
     assert _fused_names(model) == ["0"]
+    if gain == "auto":
+        model[1].delta = 0.05  # below what the whole blend adds, so the budget binds
     x = (torch.randn(32, 5, dtype=F64) * 2).requires_grad_()
     model(x).sum().backward()
     xr = x.detach().clone().requires_grad_()
     zr = F.batch_norm(xr, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
-    zr.backward((zr.detach() > 0).to(F64) + gaaf_patch.shapes.get("relu")(zr.detach()))
+    z = zr.detach()
+    if gain == "paper":
+        zr.backward((z > 0).to(F64) + gaaf_patch.shapes.get("relu")(z))
+    else:
+        zr.backward(_auto_relu_multiplier(z, 0.05))
     torch.testing.assert_close(x.grad, xr.grad, rtol=1e-12, atol=1e-12)
 
 
@@ -152,7 +169,7 @@ def test_add_of_kept_outputs_recomputes_in_float64():
             return self.r(self.bn(a) + self.t(b))
 
     torch.manual_seed(0)
-    model = gaaf_patch.patch(Res().double())
+    model = gaaf_patch.patch(Res().double(), gain="paper")  # the written-out formula below is the paper's
     assert _fused_names(model) == ["bn"]
     a, b = (torch.randn(16, 5, dtype=F64) * 2).requires_grad_(), torch.randn(16, 5, dtype=F64).requires_grad_()
     packed = []

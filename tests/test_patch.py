@@ -70,12 +70,15 @@ def test_leaky_relu_parameter_and_gelu_approximation_are_kept(every_form):
     assert approx == ["none", "tanh"]
 
 
-def test_gradients_change_and_match_gaaf_reference():
+@pytest.mark.parametrize("gain", ["paper", "auto"])
+def test_gradients_change_and_match_gaaf_reference(gain):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
     x = torch.randn(4, 5, dtype=torch.float64)
     base = _grads(model, x)
-    gaaf.patch(model)
+    gaaf.patch(model, gain=gain)
+    if gain == "auto":
+        model[1].delta = 0.02  # the one site would get 1.0; a small allowance makes the budget bind
     patched = _grads(model, x)
     assert torch.equal(base[2], patched[2])  # the last layer's weight gradient only sees the (identical) forward
     assert not torch.allclose(base[0], patched[0])
@@ -84,8 +87,17 @@ def test_gradients_change_and_match_gaaf_reference():
     h = lin1(x)
     torch.manual_seed(1)
     g = torch.randn(4, 3, dtype=torch.float64)
-    dh = (g @ lin2.weight) * (1 - torch.tanh(h) ** 2 + torch.exp(-(h**2) / 4))
-    torch.testing.assert_close(patched[0], dh.T @ x)
+    dphi, s = 1 - torch.tanh(h) ** 2, torch.exp(-(h**2) / 4)
+    if gain == "paper":
+        multiplier = dphi + s
+    else:  # phi' + c s (1 - phi'), c: mean((phi' + c st)^2) = 1.02 mean(phi'^2) over the site's input
+        st = s * (1 - dphi)
+        qa, qb, qc = (st * st).mean(), (dphi * st).mean(), 0.02 * (dphi * dphi).mean()
+        c = (-qb + torch.sqrt(qb * qb + qa * qc)) / qa
+        assert 0 < c < 1
+        multiplier = dphi + c * st
+    dh = (g @ lin2.weight) * multiplier
+    torch.testing.assert_close(patched[0].detach(), (dh.T @ x).detach())
 
 
 def test_patch_twice_is_a_noop(every_form):

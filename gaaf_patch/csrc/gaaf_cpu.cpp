@@ -1,4 +1,6 @@
-// gaaf_patch's CPU backward kernel: dx = dy * (phi'(x) + h * s~(x)) in one vectorised pass.
+// gaaf_patch's CPU backward kernel: dx = dy * (phi'(x) + h * s~(x)) in one vectorised pass, or with the auto gain
+// (gaaf_patch/gain.py) dx = dy * (phi'(x) + h * s~(x) * (u - v * phi'(x))): u = the activation's linear slope, v = 1,
+// h = the blend coefficient c. v = 0, u = 1 is the paper's form, computed exactly as before.
 //
 // The plain-ops backward (gaaf_patch/ops.py) makes 4-6 passes over the tensor (PyTorch's own `*_backward`, the
 // inverse for output-saved activations, the shape, the final addcmul), each an operator dispatch and an
@@ -56,7 +58,7 @@ constexpr double kLog2e = 1.442695040888963407359924681001892137;
 
 template <typename T>
 struct Args {
-  T a, b, c, h;
+  T a, b, c, h, u, v;
 };
 
 template <typename T, int Act, int Shape>
@@ -95,7 +97,8 @@ inline Vectorized<T> step(Vectorized<T> g, Vectorized<T> t, Vectorized<T> base, 
     const V k(T(-kLog2e) * p.a);
     s = one / ((one + exp2_((x - V(p.b)) * k)) * (one + exp2_((V(p.c) - x) * k)));
   }
-  return at::vec::fmadd(V(p.h) * g, s, dphi_g);
+  if (p.v == T(0)) return at::vec::fmadd(V(p.h) * g, s, dphi_g);
+  return at::vec::fmadd(V(p.h) * s, at::vec::fmsub(V(p.u), g, V(p.v) * dphi_g), dphi_g);
 }
 
 template <typename T, int Act, int Shape>
@@ -128,7 +131,7 @@ void dispatch(const T* g, const T* t, const T* base, T* out, int64_t n, int64_t 
 }
 
 at::Tensor backward(const at::Tensor& gy, const at::Tensor& t, const std::optional<at::Tensor>& base, int64_t act,
-                    int64_t shape, double a, double b, double c, double h) {
+                    int64_t shape, double a, double b, double c, double h, double u, double v) {
   TORCH_CHECK(gy.device().is_cpu() && t.device().is_cpu(), "gaaf_patch.backward: CPU tensors only");
   TORCH_CHECK(gy.scalar_type() == t.scalar_type() && gy.sizes() == t.sizes(),
               "gaaf_patch.backward: dy and the saved tensor must have one dtype and one shape");
@@ -149,11 +152,11 @@ at::Tensor backward(const at::Tensor& gy, const at::Tensor& t, const std::option
   const int64_t n = tc.numel();
   if (tc.scalar_type() == at::kFloat) {
     dispatch<float>(g.const_data_ptr<float>(), tc.const_data_ptr<float>(), base ? bc.const_data_ptr<float>() : nullptr,
-                    out.mutable_data_ptr<float>(), n, act, shape, Args<float>{float(a), float(b), float(c), float(h)});
+                    out.mutable_data_ptr<float>(), n, act, shape, Args<float>{float(a), float(b), float(c), float(h), float(u), float(v)});
   } else if (tc.scalar_type() == at::kDouble) {
     dispatch<double>(g.const_data_ptr<double>(), tc.const_data_ptr<double>(),
                      base ? bc.const_data_ptr<double>() : nullptr, out.mutable_data_ptr<double>(), n, act, shape,
-                     Args<double>{a, b, c, h});
+                     Args<double>{a, b, c, h, u, v});
   } else {
     TORCH_CHECK(false, "gaaf_patch.backward: float32 or float64 only, got ", tc.scalar_type());
   }
@@ -163,7 +166,7 @@ at::Tensor backward(const at::Tensor& gy, const at::Tensor& t, const std::option
 }  // namespace
 
 TORCH_LIBRARY(gaaf_patch, m) {
-  m.def("backward(Tensor gy, Tensor t, Tensor? base, int act, int shape, float a, float b, float c, float h) -> Tensor");
+  m.def("backward(Tensor gy, Tensor t, Tensor? base, int act, int shape, float a, float b, float c, float h, float u, float v) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(gaaf_patch, CPU, m) { m.impl("backward", &backward); }

@@ -67,7 +67,7 @@ class FinetuneOptions:
     num_classes: int | None = None
     epochs: int = 3
     batch_size: int = 64
-    lr: float = 1e-3
+    lr: float = 0.01
     opt: str = "sgd"
     momentum: float = 0.9
     weight_decay: float = 0.0

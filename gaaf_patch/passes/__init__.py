@@ -5,7 +5,8 @@
 2. ``functional``: each user module's own code is traced; function and method activations (and functional dropout)
    are rewritten. Also learns which sigmoid-like modules act as gates.
 3. ``modules``: activation modules become GAAF, gates left alone in ``activations="auto"``.
-4. ``fuse``: a plain BatchNorm feeding an exact-mode GAAF ReLU becomes its recomputing twin (same state), so the
+4. ``budget``: the auto-gain sites get their per-site energy allowance from the number of sites (gaaf_patch.gain).
+5. ``fuse``: a plain BatchNorm feeding an exact-mode GAAF ReLU becomes its recomputing twin (same state), so the
    ReLU saves no extra tensor for backward.
 """
 
@@ -15,13 +16,14 @@ from collections.abc import Callable
 
 from torch import nn
 
-from . import functional, fuse, swap
+from . import budget, functional, fuse, swap
 from .context import RECORD_ATTR, Context, PatchRecord
 
 PASSES: list[tuple[str, Callable[[Context], int]]] = [
     ("dropout", swap.run_dropout),
     ("functional", functional.run),
     ("modules", swap.run_activations),
+    ("budget", budget.run),
     ("fuse", fuse.run),
 ]
 

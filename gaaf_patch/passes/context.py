@@ -11,6 +11,7 @@ from torch import nn
 
 from .. import activations as _acts
 from ..config import PatchConfig
+from ..gain import MAX_DELTA
 from ..modules import GAAF, Site
 
 RECORD_ATTR = "_gaaf_record"
@@ -28,6 +29,7 @@ class PatchRecord:
     )  # (module, attr, old, entry)
     gates: set[str] = field(default_factory=set)  # learned from traces: a later patch call re-uses them
     traced: set[str] = field(default_factory=set)
+    gradient_scale: dict[str, Any] | None = None  # gaaf_patch.measure_gradient_scale's last result
 
 
 # Class names that look like an activation: if such a module is neither replaced nor patched inside, say so.
@@ -63,7 +65,10 @@ class Context:
     def make_gaaf(self, activation: str, params: dict[str, Any], site: Site, original: Any = None, phi=None) -> GAAF:
         cfg = self.config
         shape = cfg.shape_for(activation, site.name)
-        return GAAF(activation, shape, mode=cfg.mode, K=cfg.K, site=site, original=original, phi=phi, **params)
+        delta = MAX_DELTA if cfg.gain == "auto" else None  # the budget pass sets the real value once all are known
+        return GAAF(
+            activation, shape, mode=cfg.mode, K=cfg.K, site=site, original=original, phi=phi, delta=delta, **params
+        )
 
     def unreach(self, name: str, form: str, target: str, reason: str) -> None:
         self.unreached.append({"name": name, "form": form, "target": target, "reason": reason})

@@ -1,0 +1,77 @@
+"""The depth-safe gain (``shapes="auto"``, the default of ``gaaf_patch.patch``): how much gradient a site may add.
+
+The paper's form adds ``s(x)`` on top of ``phi'(x)``. Each site then passes back more gradient energy than the plain
+activation, and the excess multiplies layer after layer: on timm's resnet50 the gradient norm grows x1e4, on
+resnet101 x1e9 (docs/depth.md). The auto gain keeps the paper's mechanism (gradient where units saturate) and bounds
+what it costs:
+
+1. **Blend, don't add.** ``phi'(x) + w(x) (a - phi'(x))``, ``w = c s~(x)``: where the shape says a unit is near
+   saturation, its derivative is drawn toward ``a``, the activation's slope in its linear regime (1 for ReLU and
+   tanh, 0.25 for sigmoid; ``Activation.slope``). ``s~`` is the shape at unit height (``s = h s~``), ``c`` in
+   ``[0, 1]``. An active ReLU keeps exactly 1, an inactive one gets ``w``; no unit's gradient exceeds ``a``, so a
+   chain of identical masks (a residual stream: the same units active block after block) does not grow.
+2. **An energy budget per site.** ``c`` is chosen per batch so that the site's gradient energy over its input is at
+   most ``1 + delta`` times the plain one: ``E[(phi' + c st)^2] = (1 + delta) E[phi'^2]``, ``st = s~ (a - phi')``,
+   solved for ``c`` (clipped to ``[0, 1]``). ``delta = BUDGET^(1/n) - 1`` for a model with ``n`` sites, so even a
+   chain through every site gains at most ``BUDGET`` in energy (``sqrt(2)`` in norm); shallow nets get a large
+   ``delta`` (up to 1), deep ones a small one. The expectations are taken on a fixed strided sample of at most
+   ``SAMPLES`` elements of what backward saved (memory order), so ``c`` costs a few small ops, not a pass.
+
+A site that passes no gradient at all (every unit far in the saturation) stays at none: its budget is a fraction
+of zero. ``shapes="paper"`` (and ``mode="sawtooth"``, the paper's literal equations) keep ``phi' + s``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["BUDGET", "SAMPLES", "MAX_DELTA", "delta_for", "sample", "coefficient"]
+
+BUDGET = 2.0  # gradient energy a chain through every site of a model may gain (norm: sqrt(2))
+MAX_DELTA = 1.0  # a single site may at most double its gradient energy
+SAMPLES = 4096  # elements read to estimate c: about 1% relative error on c
+
+
+def delta_for(n_sites: int) -> float:
+    """The per-site energy allowance for a model with ``n_sites`` GAAF sites."""
+    return min(MAX_DELTA, BUDGET ** (1.0 / max(int(n_sites), 1)) - 1.0)
+
+
+def sample(t: Tensor) -> Tensor:
+    """At most about ``SAMPLES`` elements of ``t``, every ``step``-th in memory order (``step`` odd, so a power-of-two
+    channel count in a channels-last tensor is not aliased); the whole tensor when it is small. A view where it can
+    be (dense tensors), so nothing is copied but what is read."""
+    n = t.numel()
+    if t.dim() > 1 and not t.is_contiguous():
+        order = sorted(range(t.dim()), key=lambda d: -t.stride(d))
+        t = t.permute(order)
+    flat = t.reshape(-1)
+    if n <= 2 * SAMPLES:
+        return flat
+    step = n // SAMPLES
+    step = step + 1 - step % 2
+    return flat[::step]
+
+
+def coefficient(dphi: Tensor, st: Tensor, delta: float) -> Tensor:
+    """``c`` in ``[0, 1]`` with ``mean((dphi + c st)^2) = (1 + delta) mean(dphi^2)``, a 0-dim tensor (no sync).
+
+    ``dphi`` and ``st`` are the site's ``phi'`` and blend term on the sample. Where ``st`` is zero, ``c`` is 0.
+    """
+    A = dphi.square().mean()
+    a = st.square().mean()
+    b = (dphi * st).mean()
+    tiny = torch.finfo(a.dtype).tiny
+    root = torch.sqrt(b * b + a * (delta * A))
+    # the root of a c^2 + 2 b c - delta A = 0, written so that neither branch cancels
+    c = torch.where(b >= 0, (delta * A) / (root + b).clamp_min(tiny), (root - b) / a.clamp_min(tiny))
+    return torch.where(a > 0, c, torch.zeros_like(c)).clamp(0.0, 1.0)
+
+
+def check_delta(delta: float | None) -> float | None:
+    if delta is not None and not (math.isfinite(delta) and delta >= 0):
+        raise ValueError(f"the auto gain's energy allowance must be a finite number >= 0, got {delta}")
+    return None if delta is None else float(delta)
