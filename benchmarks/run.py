@@ -15,7 +15,8 @@ Variants of each model, all from the same initial weights:
 - ``dropout``: base plus dropout, the regulariser GAAF is meant to replace. MLP: ``nn.Dropout(0.5)`` after each
   hidden activation (the paper's setting); ResNets: ``nn.Dropout(0.5)`` before the classifier; ViT: timm
   ``drop_rate=0.5`` (head) and ``proj_drop_rate=0.1`` (after each attention projection and MLP layer).
-- ``gaaf_exact`` / ``gaaf_sawtooth``: ``gaaf_patch.patch(base, mode=...)``.
+- ``gaaf_exact`` / ``gaaf_sawtooth``: ``gaaf_patch.patch(base, mode=...)``; ``gaaf_exact`` has the default auto gain
+  (gaaf_patch/gain.py), ``gaaf_paper`` is exact mode with the paper's gain (``shapes="paper"``), the default before.
 - ``naive``: eq. 7-8 written with plain torch ops (:class:`NaiveGAAF`), everything differentiated by autograd: what
   GAAF costs without a custom backward.
 
@@ -66,7 +67,7 @@ from gaaf_patch import activations as _acts
 from gaaf_patch import shapes as _shapes
 
 ALL_MODELS = ("mlp", "resnet18", "resnet50", "vit")
-VARIANTS = ("base", "dropout", "gaaf_exact", "gaaf_sawtooth", "naive")
+VARIANTS = ("base", "dropout", "gaaf_exact", "gaaf_paper", "gaaf_sawtooth", "naive")
 NUM_CLASSES = 10
 
 
@@ -165,6 +166,7 @@ def build_variants(spec: ModelSpec) -> dict[str, nn.Module]:
         "base": base,
         "dropout": with_dropout,
         "gaaf_exact": gaaf_patch.patch(copy.deepcopy(base), mode="exact"),
+        "gaaf_paper": gaaf_patch.patch(copy.deepcopy(base), mode="exact", shapes="paper"),
         "gaaf_sawtooth": gaaf_patch.patch(copy.deepcopy(base), mode="sawtooth"),
         "naive": naive(copy.deepcopy(base)),
     }

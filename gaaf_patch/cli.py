@@ -568,7 +568,7 @@ def _positive_float(text: str) -> float:
 
 
 def _add_repro_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("repro", help="reproduce one of the paper's experiments (mnist)")
+    p = sub.add_parser("repro", help="reproduce one of the paper's experiments (mnist) or the depth study (depth)")
     studies = p.add_subparsers(dest="study", metavar="STUDY", required=True)
     m = studies.add_parser(
         "mnist",
@@ -598,35 +598,88 @@ def _add_repro_parser(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's choice)")
     m.set_defaults(func=_cmd_repro)
 
+    from .repro import depth
+
+    d = studies.add_parser(
+        "depth",
+        help="deep nets at their usual learning rate: plain / dropout / gaaf-paper / gaaf-auto narrow ResNets",
+        description="Train narrow timm ResNets on MNIST from scratch (SGD lr 0.1) and fine-tune a plain digits-0-4 "
+        "checkpoint on all ten digits (lr 0.01), each as plain, with dropout, with the paper's GAAF gain and with "
+        "the default auto gain; record curves, test accuracy, divergence, time to the plain model's best and the "
+        "GAAF gradient ratio per stage; write OUT/results.json (after every run; --resume continues it), PNGs and "
+        "a table (docs/depth-study.md).",
+    )
+    for flag, names, default in (("--models", depth.MODELS, depth.DEFAULT_MODELS),
+                                 ("--variants", depth.VARIANTS, depth.VARIANTS),
+                                 ("--regimes", depth.REGIMES, depth.REGIMES)):  # fmt: skip
+        d.add_argument(flag, default=",".join(default), help=f"comma-separated subset of {','.join(names)} "
+                       f"(default {','.join(default)})")  # fmt: skip
+    d.add_argument("--seeds", type=_positive_int, default=1, help="seeds 0..N-1 per cell (default 1)")
+    d.add_argument("--quick", action="store_true", help="scikit-learn digits at 16x16, a few hundred images, "
+                   "1 epoch per stage: a smoke run for CI (no MNIST needed)")  # fmt: skip
+    d.add_argument("--out", metavar="DIR", help="output folder (default out/repro-depth, or out/repro-depth-quick)")
+    d.add_argument("--resume", action="store_true", help="continue OUT/results.json, skipping finished runs")
+    d.add_argument("--data-dir", metavar="DIR", help="MNIST root (torchvision layout; default $GAAF_DATA_DIR)")
+    g = d.add_argument_group("sizing (default: docs/depth-study.md; --quick: its own)")
+    for flag in ("train", "val", "test"):
+        g.add_argument(f"--{flag}-size", type=_positive_int, help=f"{flag} images")
+    for flag in ("scratch", "finetune", "pretrain"):
+        g.add_argument(f"--{flag}-epochs", type=_positive_int, help=f"epochs of the {flag} stage")
+    r = d.add_argument_group("runtime")
+    r.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
+    r.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's choice)")
+    d.set_defaults(func=_cmd_repro)
+
 
 def _cmd_repro(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from .repro import mnist
+    from .repro import depth, mnist
     from .repro.display import RichReporter, tables
     from .repro.train import TrainConfig
 
-    quick = mnist.QUICK if args.quick else {}
-    train = TrainConfig(
-        lr=args.lr, momentum=args.momentum, batch_size=args.batch_size,
-        max_epochs=args.max_epochs or quick.get("max_epochs", 200), patience=args.patience or quick.get("patience", 10),
-    )  # fmt: skip
-    out = args.out or ("out/repro-mnist-quick" if args.quick else "out/repro-mnist")
-    cfg = mnist.StudyConfig(
-        out=Path(out), models=tuple(x.strip() for x in args.models.split(",") if x.strip()), seeds=args.seeds,
-        train=train, data_dir=args.data_dir, val_size=args.val_size, saturation=args.saturation, device=args.device,
-        threads=args.threads, resume=args.resume, quick=args.quick,
-        subset={k: quick[k] for k in ("train", "val", "test")} if quick else None,
-    )  # fmt: skip
     console = Console(highlight=False)
     if not console.is_terminal:  # a log file or a pipe: wide enough that the tables are not folded
         console = Console(highlight=False, width=170)
     start = time.perf_counter()
-    results = mnist.run_study(cfg, RichReporter(console))
-    for table in tables(results):
-        console.print(table)
+    if args.study == "depth":
+        from .repro.depth_display import DepthReporter, table
+
+        sizing = depth.with_overrides(
+            depth.QUICK if args.quick else depth.FULL, train=args.train_size, val=args.val_size,
+            test=args.test_size, scratch_epochs=args.scratch_epochs, finetune_epochs=args.finetune_epochs,
+            pretrain_epochs=args.pretrain_epochs,
+        )  # fmt: skip
+        names = {k: tuple(x.strip() for x in getattr(args, k).split(",") if x.strip()) for k in
+                 ("models", "variants", "regimes")}  # fmt: skip
+        cfg = depth.DepthConfig(
+            out=Path(args.out or ("out/repro-depth-quick" if args.quick else "out/repro-depth")), **names,
+            seeds=args.seeds, sizing=sizing, data_dir=args.data_dir, device=args.device, threads=args.threads,
+            resume=args.resume, quick=args.quick,
+        )  # fmt: skip
+        results = depth.run_study(cfg, DepthReporter(console))
+        console.print(table(results))
+        path = cfg.out / depth.RESULTS
+    else:
+        quick = mnist.QUICK if args.quick else {}
+        train = TrainConfig(
+            lr=args.lr, momentum=args.momentum, batch_size=args.batch_size,
+            max_epochs=args.max_epochs or quick.get("max_epochs", 200),
+            patience=args.patience or quick.get("patience", 10),
+        )  # fmt: skip
+        out = args.out or ("out/repro-mnist-quick" if args.quick else "out/repro-mnist")
+        cfg = mnist.StudyConfig(
+            out=Path(out), models=tuple(x.strip() for x in args.models.split(",") if x.strip()), seeds=args.seeds,
+            train=train, data_dir=args.data_dir, val_size=args.val_size, saturation=args.saturation,
+            device=args.device, threads=args.threads, resume=args.resume, quick=args.quick,
+            subset={k: quick[k] for k in ("train", "val", "test")} if quick else None,
+        )  # fmt: skip
+        results = mnist.run_study(cfg, RichReporter(console))
+        for t in tables(results):
+            console.print(t)
+        path = cfg.out / mnist.RESULTS
     figures = ", ".join(results["figures"]) or f"none ({results.get('figures_skipped', 'no finished run')})"
-    console.print(f"results: {cfg.out / mnist.RESULTS}; figures: {figures}", soft_wrap=True)
+    console.print(f"results: {path}; figures: {figures}", soft_wrap=True)
     console.print(f"wall time {time.perf_counter() - start:.1f} s", soft_wrap=True)
     return 0
 

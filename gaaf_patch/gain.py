@@ -56,19 +56,32 @@ def sample(t: Tensor) -> Tensor:
     return flat[::step]
 
 
-def coefficient(dphi: Tensor, st: Tensor, delta: float) -> Tensor:
-    """``c`` in ``[0, 1]`` with ``mean((dphi + c st)^2) = (1 + delta) mean(dphi^2)``, a 0-dim tensor (no sync).
+def coefficient(dphi: Tensor, st: Tensor, delta: float) -> Tensor | float:
+    """``c`` in ``[0, 1]`` with ``mean((dphi + c st)^2) = (1 + delta) mean(dphi^2)``.
 
-    ``dphi`` and ``st`` are the site's ``phi'`` and blend term on the sample. Where ``st`` is zero, ``c`` is 0.
+    ``dphi`` and ``st`` are the site's ``phi'`` and blend term on the sample. Where ``st`` is zero, ``c`` is 0. On the
+    CPU outside tracing, a Python float (the three moments are read once); elsewhere a 0-dim tensor (no device sync).
     """
-    A = dphi.square().mean()
-    a = st.square().mean()
-    b = (dphi * st).mean()
+    m = torch.stack((dphi.reshape(-1), st.reshape(-1)))
+    gram = (m @ m.T).div_(m.shape[1])  # [[A, b], [b, a]]: the second moments, in one product
+    if m.is_cpu and not torch.compiler.is_compiling() and type(m) is Tensor:
+        (A, b), (_b, a) = gram.tolist()
+        return _solve(A, a, b, delta)
+    A, b, a = gram[0, 0], gram[0, 1], gram[1, 1]
     tiny = torch.finfo(a.dtype).tiny
     root = torch.sqrt(b * b + a * (delta * A))
     # the root of a c^2 + 2 b c - delta A = 0, written so that neither branch cancels
     c = torch.where(b >= 0, (delta * A) / (root + b).clamp_min(tiny), (root - b) / a.clamp_min(tiny))
     return torch.where(a > 0, c, torch.zeros_like(c)).clamp(0.0, 1.0)
+
+
+def _solve(A: float, a: float, b: float, delta: float) -> float:
+    """The same root in Python floats."""
+    if not a > 0:
+        return 0.0
+    root = math.sqrt(b * b + a * delta * A)
+    c = delta * A / (root + b) if b >= 0 and root + b > 0 else (root - b) / a
+    return min(max(c, 0.0), 1.0) if math.isfinite(c) else 0.0
 
 
 def check_delta(delta: float | None) -> float | None:

@@ -164,7 +164,7 @@ def _multiplier(
     act: Activation,
     shape: ShapeFn,
     params: Mapping[str, Any],
-    c: Tensor | None = None,
+    c: Tensor | float | None = None,
 ) -> Tensor:
     """phi'(x) + s(x) (or the auto blend ``phi' + c s~ (slope - phi')``), from the saved input, or from the output
     through the activation's inverse (generic path)."""
@@ -178,14 +178,14 @@ def _multiplier(
 
 def _blend_coefficient(
     saved: Tensor, from_output: bool, act: Activation, shape: ShapeFn, params: Mapping[str, Any], delta: float
-) -> Tensor:
-    """The auto gain's ``c`` for this batch (gaaf_patch.gain), from a sample of what backward has: a 0-dim tensor."""
+) -> Tensor | float:
+    """The auto gain's ``c`` for this batch (gaaf_patch.gain), from a sample of what backward has."""
     x, y = _x_y(_opmath(_gain.sample(saved)), from_output, act, params)
     dphi = act.dphi(x, y, **params)
     s, _h = _shape_term(shape, x, owned=False)
     if s is None:
-        return dphi.new_zeros(())
-    return _gain.coefficient(dphi, s.mul_(act.slope - dphi) if s is not x else s * (act.slope - dphi), delta)
+        return 0.0
+    return _gain.coefficient(dphi, s.mul_(dphi.neg().add_(act.slope)) if s is not x else s * (act.slope - dphi), delta)
 
 
 # The fused C++ kernel (gaaf_patch.kernels): its codes for phi' and for the shape family.
@@ -232,13 +232,14 @@ def _kernel_backward(
     shape: ShapeFn,
     params,
     x: Tensor | None,
-    c: Tensor | None = None,
+    delta: float | None = None,
 ) -> Tensor | None:
     """The whole backward in one fused CPU pass (two for activations with their own PyTorch kernel), or None.
 
     None (use the plain ops) off the CPU, for half types, under tracing (fake or functional tensors, Dynamo), in
     double backward, for shapes other than the gauss, shifted-sigmoid and band families, or when the kernel is off
-    or cannot be built.
+    or cannot be built. ``delta``: the auto gain, whose coefficient the kernel works out itself (from a sample of
+    what it reads) except for activations with their own PyTorch kernel, where it is computed here.
     """
     if not (
         saved.is_cpu
@@ -266,19 +267,25 @@ def _kernel_backward(
     elif not _kernels.enabled():
         return None
     code, fam, a, b, c3, h, given = plan
-    u, v = 1.0, 0.0  # the paper's form: + h s~
-    if c is not None:  # the auto blend: + c s~ (slope - phi')
-        h, u, v = float(c), act.slope, 1.0
-    op = _KERNEL_OP[0]
+    u, v, d = 1.0, 0.0, -1.0  # the paper's form: + h s~
+    if delta is not None:  # the auto blend: + c s~ (slope - phi')
+        u, v = act.slope, 1.0
+        if given:  # the kernel sees dy phi', not phi': c from the library's formula
+            h = float(
+                _blend_coefficient(saved if x is None else x, from_output and x is None, act, shape, params, delta)
+            )
+        else:
+            d = delta
+    op, n = _KERNEL_OP[0], _gain.SAMPLES
     if x is not None:  # recomputed after a fused BatchNorm; saved = the output, whose sign is x's
-        return op(gy, x, _native(act)(gy, saved, params) if given else None, code, fam, a, b, c3, h, u, v)
+        return op(gy, x, _native(act)(gy, saved, params) if given else None, code, fam, a, b, c3, h, u, v, d, n)
     if not given:  # t = what was saved: the output (tanh, sigmoid in exact mode) or the input
-        return op(gy, saved, None, code, fam, a, b, c3, h, u, v)
+        return op(gy, saved, None, code, fam, a, b, c3, h, u, v, d, n)
     # PyTorch's own dy * phi'(x), then the shape
-    return op(gy, saved, _native(act)(gy, saved, params), code, fam, a, b, c3, h, u, v)
+    return op(gy, saved, _native(act)(gy, saved, params), code, fam, a, b, c3, h, u, v, d, n)
 
 
-def _add_shape(out: Tensor, g: Tensor, s: Tensor | None, h: float, act: Activation, c: Tensor | None) -> Tensor:
+def _add_shape(out: Tensor, g: Tensor, s: Tensor | None, h: float, act: Activation, c: Tensor | float | None) -> Tensor:
     """``out = dy phi'`` plus the shape term, in place: ``h dy s~`` (paper) or ``c s~ (slope dy - dy phi')`` (auto)."""
     if s is None:
         return out
@@ -303,12 +310,12 @@ def _backward(
     whose ``phi'`` the output determines exactly). ``delta``: the auto gain's energy allowance (gaaf_patch.gain);
     None for the paper's ``phi' + s``.
     """
+    dx = _kernel_backward(saved, gy, from_output, act, shape, params, x, delta)
+    if dx is not None:
+        return dx
     c = None
     if delta is not None:
         c = _blend_coefficient(saved if x is None else x, from_output and x is None, act, shape, params, delta)
-    dx = _kernel_backward(saved, gy, from_output, act, shape, params, x, c)
-    if dx is not None:
-        return dx
     t = _opmath(saved)
     g = gy if gy.dtype == t.dtype else gy.to(t.dtype)
     native = _native(act)

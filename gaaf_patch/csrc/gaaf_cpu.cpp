@@ -1,6 +1,10 @@
 // gaaf_patch's CPU backward kernel: dx = dy * (phi'(x) + h * s~(x)) in one vectorised pass, or with the auto gain
 // (gaaf_patch/gain.py) dx = dy * (phi'(x) + h * s~(x) * (u - v * phi'(x))): u = the activation's linear slope, v = 1,
-// h = the blend coefficient c. v = 0, u = 1 is the paper's form, computed exactly as before.
+// h = the blend coefficient c. v = 0, u = 1 is the paper's form, computed exactly as before. With delta >= 0 the kernel
+// first works out c itself (gaaf_patch.gain.coefficient): the second moments of phi' and of st = s~ (u - phi') on every
+// `step`-th element of `t` in memory order (all of it when it holds at most 2 * samples), then the root of
+// a c^2 + 2 b c - delta A = 0 clipped to [0, 1]; gaaf_patch/gain.py computes the same in torch ops where this kernel
+// does not run.
 //
 // The plain-ops backward (gaaf_patch/ops.py) makes 4-6 passes over the tensor (PyTorch's own `*_backward`, the
 // inverse for output-saved activations, the shape, the final addcmul), each an operator dispatch and an
@@ -25,6 +29,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 
@@ -101,6 +106,49 @@ inline Vectorized<T> step(Vectorized<T> g, Vectorized<T> t, Vectorized<T> base, 
   return at::vec::fmadd(V(p.h) * s, at::vec::fmsub(V(p.u), g, V(p.v) * dphi_g), dphi_g);
 }
 
+// phi'(x) and x from one saved value, in double: the scalar twin of `step` above, for the sampled moments.
+inline void dphi_x(int64_t act, double t, double& dphi, double& x) {
+  switch (act) {
+    case 0: dphi = 1 - t * t; x = std::atanh(std::clamp(t, -1 + 1e-16, 1 - 1e-16)); return;
+    case 1: dphi = t * (1 - t); x = std::log(t / (1 - t)); return;
+    case 2: dphi = t > 0 ? 1.0 : 0.0; x = t; return;
+    case 4: { const double y = std::tanh(t); dphi = 1 - y * y; x = t; return; }
+    default: { const double y = 1 / (1 + std::exp(-t)); dphi = y * (1 - y); x = t; return; }
+  }
+}
+
+inline double unit_shape(int64_t shape, double x, double a, double b, double c) {
+  if (shape == 0) return std::exp2(a * (x - b) * (x - b));
+  if (shape == 1) return 1 / (1 + std::exp(-a * (x + b)));
+  return 1 / ((1 + std::exp(-a * (x - b))) * (1 + std::exp(-a * (c - x))));
+}
+
+template <typename T>
+double blend_coefficient(const T* t, int64_t n, int64_t samples, int64_t act, int64_t shape, double a, double b,
+                         double c, double slope, double delta) {
+  int64_t step = 1;
+  if (n > 2 * samples) {
+    step = n / samples;
+    step += 1 - step % 2;  // odd: a power-of-two channel count is not aliased
+  }
+  double A = 0, qa = 0, qb = 0;
+  int64_t count = 0;
+  for (int64_t i = 0; i < n; i += step, ++count) {
+    double dphi, x;
+    dphi_x(act, double(t[i]), dphi, x);
+    const double st = unit_shape(shape, x, a, b, c) * (slope - dphi);
+    A += dphi * dphi;
+    qa += st * st;
+    qb += dphi * st;
+  }
+  if (count == 0) return 0.0;
+  A /= count, qa /= count, qb /= count;
+  if (!(qa > 0)) return 0.0;
+  const double root = std::sqrt(qb * qb + qa * delta * A);
+  const double cc = (qb >= 0 && root + qb > 0) ? delta * A / (root + qb) : (root - qb) / qa;
+  return std::isfinite(cc) ? std::clamp(cc, 0.0, 1.0) : 0.0;
+}
+
 template <typename T, int Act, int Shape>
 void run(const T* g, const T* t, const T* base, T* out, int64_t n, const Args<T>& p) {
   using V = Vectorized<T>;
@@ -131,7 +179,8 @@ void dispatch(const T* g, const T* t, const T* base, T* out, int64_t n, int64_t 
 }
 
 at::Tensor backward(const at::Tensor& gy, const at::Tensor& t, const std::optional<at::Tensor>& base, int64_t act,
-                    int64_t shape, double a, double b, double c, double h, double u, double v) {
+                    int64_t shape, double a, double b, double c, double h, double u, double v, double delta,
+                    int64_t samples) {
   TORCH_CHECK(gy.device().is_cpu() && t.device().is_cpu(), "gaaf_patch.backward: CPU tensors only");
   TORCH_CHECK(gy.scalar_type() == t.scalar_type() && gy.sizes() == t.sizes(),
               "gaaf_patch.backward: dy and the saved tensor must have one dtype and one shape");
@@ -150,6 +199,14 @@ at::Tensor backward(const at::Tensor& gy, const at::Tensor& t, const std::option
     out = at::empty_like(tc);  // same strides as tc (dense)
   }
   const int64_t n = tc.numel();
+  if (delta >= 0) {  // the auto gain: c from the sampled moments, then the blend toward the slope u
+    TORCH_CHECK(act != 3, "gaaf_patch.backward: the blend coefficient needs phi', which act 3 does not compute");
+    const double cc = tc.scalar_type() == at::kFloat
+                          ? blend_coefficient<float>(tc.const_data_ptr<float>(), n, samples, act, shape, a, b, c, u, delta)
+                          : blend_coefficient<double>(tc.const_data_ptr<double>(), n, samples, act, shape, a, b, c, u,
+                                                      delta);
+    h = cc, v = 1.0;
+  }
   if (tc.scalar_type() == at::kFloat) {
     dispatch<float>(g.const_data_ptr<float>(), tc.const_data_ptr<float>(), base ? bc.const_data_ptr<float>() : nullptr,
                     out.mutable_data_ptr<float>(), n, act, shape, Args<float>{float(a), float(b), float(c), float(h), float(u), float(v)});
@@ -166,7 +223,7 @@ at::Tensor backward(const at::Tensor& gy, const at::Tensor& t, const std::option
 }  // namespace
 
 TORCH_LIBRARY(gaaf_patch, m) {
-  m.def("backward(Tensor gy, Tensor t, Tensor? base, int act, int shape, float a, float b, float c, float h, float u, float v) -> Tensor");
+  m.def("backward(Tensor gy, Tensor t, Tensor? base, int act, int shape, float a, float b, float c, float h, float u, float v, float delta, int samples) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(gaaf_patch, CPU, m) { m.impl("backward", &backward); }
