@@ -108,8 +108,8 @@ QUICK_TRAINED = ("test_resnet",)
 @dataclass(frozen=True)
 class TrainConfig:
     size: int = 32
-    steps: int = 120
-    batch: int = 32
+    steps: int = 80
+    batch: int = 16
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -648,10 +648,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default="benchmarks/results", help="results folder (default benchmarks/results)")
     p.add_argument("--no-trained", dest="trained", action="store_false", help="skip the after-training part")
     p.add_argument("--trained-models", default=None, help="comma-separated models for the after-training part")
-    p.add_argument("--train-steps", type=int, default=None, help="SGD steps per trained model (default 120)")
+    p.add_argument("--train-steps", type=int, default=None, help="SGD steps per trained model (default 80)")
     p.add_argument("--batch", type=int, default=BATCH, help=f"measuring batch (default {BATCH})")
     p.add_argument("--size", type=int, default=None, help="input size for every model (default: per model)")
-    p.add_argument("--no-zoo", dest="zoo", action="store_true", default=False, help="only the depth list")
+    p.add_argument("--no-zoo", action="store_true", help="the depth list only, not the coverage sweep's models")
     p.add_argument("--max-params", type=int, default=MAX_PARAMS, help="skip larger models (the sweep's 200M)")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--tag", default="cpu", help="file name suffix: depth-<date>-<tag>.json")
@@ -660,26 +660,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def plan(args: argparse.Namespace) -> tuple[list[tuple[str, str, tuple[int | None, ...]]], list[str]]:
-    """``(spec, group, sizes to try)`` for the init part, and the trained part's models."""
+    """``(spec, group, sizes to try)`` for the init part, and the trained part's models. ``--models``: those only
+    (depth-list models at their size, any other at the zoo's sizes), without listing the zoo."""
+    depth = dict(DEPTH_MODELS)
     if args.quick:
         init = [(s, "quick", (n,)) for s, n in QUICK_MODELS]
         trained = list(QUICK_TRAINED)
-    else:
-        init = []
-        seen: set[str] = set()
-        depth = {s: n for s, n in DEPTH_MODELS}
-        if not args.zoo:
-            for e in zoo.entries():
-                if e.spec not in depth:
-                    init.append((e.spec, "zoo", ZOO_SIZES))
-                    seen.add(e.spec)
-        init += [(s, "depth", (n, None)) for s, n in DEPTH_MODELS if s not in seen]
-        trained = list(TRAINED_MODELS)
-    if args.models:
+    elif args.models:
         wanted = [m.strip() for m in args.models.split(",") if m.strip()]
-        known = {s: (g, z) for s, g, z in init}
-        init = [(s, *known.get(s, ("depth", (args.size or 128, None)))) for s in wanted]
-        trained = [s for s in trained if s in wanted]
+        init = [(s, "depth", (depth[s], None)) if s in depth else (s, "selected", ZOO_SIZES) for s in wanted]
+        trained = [s for s in TRAINED_MODELS if s in wanted]
+    else:
+        init = [] if args.no_zoo else [(e.spec, "zoo", ZOO_SIZES) for e in zoo.entries() if e.spec not in depth]
+        init += [(s, "depth", (n, None)) for s, n in DEPTH_MODELS]
+        trained = list(TRAINED_MODELS)
     if args.trained_models is not None:
         trained = [m.strip() for m in args.trained_models.split(",") if m.strip()]
     if args.size:

@@ -396,19 +396,33 @@ def _kernels(code: str) -> int:
 
 
 def kernel_counts(model: nn.Module, x: torch.Tensor) -> dict[str, list[int]]:
-    """backend -> [forward, backward] kernels Inductor generates for ``model`` under "inductor" and under "gaaf"."""
+    """backend -> [forward, backward] kernels Inductor generates for ``model`` under "inductor", under "gaaf" (the
+    auto gain) and under the gaaf backend with the paper's gain ("paper")."""
     from torch._inductor.utils import run_fw_bw_and_get_code
 
     counts = {}
     # no graph caches, so the code is generated (and seen) again; the C++ compiler's cache still saves time
     with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
-        for backend in ("inductor", "gaaf"):
+        for name, backend in (
+            ("inductor", "inductor"),
+            ("gaaf", "gaaf"),
+            ("paper", GAAFBackend(PatchConfig(gain="paper"))),
+        ):
             torch._dynamo.reset()
             compiled = torch.compile(copy.deepcopy(model), backend=backend)
             _, code = run_fw_bw_and_get_code(lambda c=compiled: c(x.clone().requires_grad_()))
             assert len(code) == 2, "expected one forward and one backward module"
-            counts[backend] = [_kernels(c) for c in code]
+            counts[name] = [_kernels(c) for c in code]
     return counts
+
+
+def assert_fused(counts: dict[str, list[int]], sites: int) -> None:
+    """The paper's gain adds no kernel; the auto gain adds one small reduction per site to the backward (the blend
+    coefficient's moments on a sample, which the pointwise kernel then reads)."""
+    assert all(n > 0 for n in counts["inductor"]), counts
+    assert counts["paper"][0] <= counts["inductor"][0] and counts["paper"][1] <= counts["inductor"][1], counts
+    assert counts["gaaf"][0] <= counts["inductor"][0], counts
+    assert counts["gaaf"][1] <= counts["inductor"][1] + sites, counts
 
 
 def test_inductor_fuses_the_gaaf_op():
@@ -416,8 +430,7 @@ def test_inductor_fuses_the_gaaf_op():
     torch.manual_seed(0)
     counts = kernel_counts(SmallCNN(), torch.randn(2, 3, 8, 8))
     print("kernels (forward, backward):", counts)
-    assert all(n > 0 for n in counts["inductor"])
-    assert counts["gaaf"][0] <= counts["inductor"][0] and counts["gaaf"][1] <= counts["inductor"][1], counts
+    assert_fused(counts, sites=3)
 
 
 class Mixed(nn.Module):
