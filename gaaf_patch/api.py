@@ -57,12 +57,15 @@ def patch(
     record: PatchRecord | None = model.__dict__.get(RECORD_ATTR)
     if record is None:
         record = PatchRecord(config=_config_dict(config))
-    ctx = Context(model, config, filter_fn, gates=set(record.gates), traced=set(record.traced))
+    ctx = Context(
+        model, config, filter_fn, gates=set(record.gates), traced=set(record.traced), calls=dict(record.calls)
+    )
     passes.run(ctx)
     _check_patterns(ctx)
     model.__dict__[RECORD_ATTR] = record
     record.gates |= ctx.gates
     record.traced |= ctx.traced
+    record.calls.update(ctx.calls)
     _merge(record.unreached, ctx.unreached)
     _merge(record.skipped, ctx.skipped)
     record.attributes.extend(ctx.attributes)

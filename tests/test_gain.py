@@ -221,3 +221,21 @@ def test_compiled_auto_gain_matches_eager():
     plain = x.clone().requires_grad_()
     model(plain).square().sum().backward()
     assert not torch.allclose(grads[0], plain.grad)
+
+
+def test_cli_reports_the_gradient_scale_and_warns_on_the_paper_gain(capsys):
+    import json
+
+    from gaaf_patch.cli import main
+
+    small = ["tv:resnet18", "--input-size", "3,32,32", "--num-classes", "10", "--json"]
+    assert main([*small, "--gain", "paper"]) == 0
+    captured = capsys.readouterr()
+    scale = json.loads(captured.out)["report"]["gradient_scale"]
+    assert scale["input"] > 2 and scale["safe"] is False
+    assert "outside [0.5, 2.0]" in captured.err and "gain='auto'" in captured.err
+    assert main(small) == 0
+    captured = capsys.readouterr()
+    scale = json.loads(captured.out)["report"]["gradient_scale"]
+    assert 0.5 <= scale["input"] <= 2 and 0.5 <= scale["params"] <= 2 and scale["safe"] is True
+    assert captured.err == ""

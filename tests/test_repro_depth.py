@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -40,12 +41,12 @@ def test_cli_repro_depth_quick_end_to_end_and_resume(tmp_path, monkeypatch, caps
     assert cli.main([*base, "--resume"]) == 0  # adds the finetune regime: one checkpoint, four runs
     assert len(calls) == 5 and len({c for c in calls if c.startswith("0.1/")}) == 1  # the pretrain at lr 0.1
     text = capsys.readouterr().out
-    for word in ("Depth study", "gaaf-auto", "ratio layer1", "ep to plain best", "already done (resumed)"):
+    for word in ("Depth study", "gaaf-auto", "test acc %", "diverged", "already done (resumed)"):
         assert word in text
 
     res = json.loads((out / "results.json").read_text())
     assert res["study"] == "depth" and res["version"] == depth.VERSION
-    assert res["setup"]["sizing"] == {**depth.QUICK.__dict__} and res["setup"]["quick"] is True
+    assert res["setup"]["sizing"] == asdict(depth.QUICK) and res["setup"]["quick"] is True
     assert res["setup"]["recipes"]["scratch"]["lr"] == 0.1 and res["setup"]["recipes"]["finetune"]["lr"] == 0.01
     assert res["data"]["source"] == "digits" and res["data"]["train"] == depth.QUICK.train
     assert res["environment"]["torch"] == torch.__version__ and "git_commit" in res["environment"]
@@ -84,7 +85,7 @@ def test_cli_repro_depth_quick_end_to_end_and_resume(tmp_path, monkeypatch, caps
     ckpt = torch.load(out / "checkpoints" / "pretrain-resnet18-seed0.pt", weights_only=True)
     depth.build("resnet18", "plain", depth.PRETRAIN_CLASSES).load_state_dict(ckpt["state_dict"], strict=True)
     assert res["pretrain"]["resnet18/seed0"]["epochs_run"] == depth.QUICK.pretrain_epochs
-    for name in ("depth_val_acc.png", "depth_train_loss.png", "depth_grad_ratio.png"):
+    for name in ("depth_val_error.png", "depth_train_loss.png", "depth_grad_ratio.png"):
         assert (out / name).stat().st_size > 10_000
 
     calls.clear()  # a finished study trains nothing; a changed setup is refused in one line

@@ -1,11 +1,14 @@
 """The ``budget`` pass: every auto-gain GAAF site of the model gets its energy allowance (gaaf_patch.gain).
 
-``delta = BUDGET^(1/n) - 1`` with ``n`` the GAAF sites in the module tree (a module called several times, like
-torchvision's shared ``self.relu``, counts once), so a chain through every site gains at most ``BUDGET`` in
-gradient energy. Run after the passes that add sites, and again by every later ``patch`` of the same model.
+``delta = BUDGET^(1/n) - 1`` with ``n`` the calls of GAAF sites in one forward (a module called several times, like
+torchvision's shared ``self.relu``, counts once per call its parent's traced code makes; one where no trace saw it),
+so a chain through every site gains at most ``BUDGET`` in gradient energy. Run after the passes that add sites, and
+again by every later ``patch`` of the same model.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 from torch import nn
 
@@ -16,15 +19,16 @@ from .context import Context
 __all__ = ["run", "assign"]
 
 
-def assign(root: nn.Module) -> int:
-    """Set ``delta`` on ``root``'s auto-gain sites from the number of sites; returns how many were set."""
-    sites = [m for m in root.modules() if isinstance(m, GAAF)]
-    auto = [m for m in sites if m.delta is not None]
-    delta = gain.delta_for(len(sites))
+def assign(root: nn.Module, calls: Mapping[str, int] | None = None) -> int:
+    """Set ``delta`` on ``root``'s auto-gain sites from the number of site calls; returns how many were set."""
+    calls = calls or {}
+    named = [(n, m) for n, m in root.named_modules(remove_duplicate=False) if isinstance(m, GAAF)]
+    auto = [m for _n, m in named if m.delta is not None]
+    delta = gain.delta_for(sum(max(1, calls.get(n, 1)) for n, _m in named))
     for m in auto:
         m.delta = delta
     return len(auto)
 
 
 def run(ctx: Context) -> int:
-    return assign(ctx.root)
+    return assign(ctx.root, ctx.calls)

@@ -30,6 +30,7 @@ class PatchRecord:
     gates: set[str] = field(default_factory=set)  # learned from traces: a later patch call re-uses them
     traced: set[str] = field(default_factory=set)
     gradient_scale: dict[str, Any] | None = None  # gaaf_patch.measure_gradient_scale's last result
+    calls: dict[str, int] = field(default_factory=dict)  # child module -> calls per parent forward, from traces
 
 
 # Class names that look like an activation: if such a module is neither replaced nor patched inside, say so.
@@ -49,6 +50,7 @@ class Context:
     attributes: list[tuple[nn.Module, str, Any, dict[str, Any]]] = field(default_factory=list)
     changed: dict[str, int] = field(default_factory=dict)  # pass name -> sites changed
     bn_feeds: list[tuple[str, str]] = field(default_factory=list)  # (BatchNorm, module it alone feeds), from traces
+    calls: dict[str, int] = field(default_factory=dict)  # child module -> calls per parent forward, from traces
 
     def allowed(self, module: nn.Module, name: str) -> bool:
         return self.filter_fn is None or bool(self.filter_fn(module, name))

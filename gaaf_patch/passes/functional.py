@@ -500,6 +500,7 @@ def _rewrite(
 ) -> int:
     if method == "forward":
         ctx.traced.add(fqn)
+    _note_calls(ctx, fqn, graphs[True])
     rewriter = Rewriter(ctx, module, fqn, method)
     changed = {mode: rewriter.rewrite(g) for mode, g in graphs.items()}
     ctx.unreached.extend(rewriter.unreached.values())
@@ -518,6 +519,18 @@ def _rewrite(
         module, fqn, codes, required, rewriter.added, rewriter.stripped.values(), method
     )
     return max(changed.values())
+
+
+def _note_calls(ctx: Context, fqn: str, graph: fx.Graph) -> None:
+    """How often the traced code calls each child module (torchvision's blocks call one ``self.relu`` twice): the
+    ``budget`` pass counts activation calls, not modules."""
+    prefix = f"{fqn}." if fqn else ""
+    counts: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            counts[prefix + str(node.target)] = counts.get(prefix + str(node.target), 0) + 1
+    for name, n in counts.items():
+        ctx.calls[name] = max(ctx.calls.get(name, 0), n)
 
 
 _ADD_FNS = {operator.add, operator.iadd, torch.add}

@@ -551,9 +551,11 @@ def _cells(results: dict[str, Any]) -> dict[tuple[str, str, str], list[dict[str,
 
 
 def write_figures(results: dict[str, Any], out: Path, prefix: str = "depth_") -> list[Path]:
-    """Validation accuracy and training loss per epoch (rows: regimes, columns: models, one line per variant, the
+    """Validation error (100 - accuracy, log scale) and training loss per epoch (rows: regimes, columns: models, one line per variant, the
     mean over seeds, the band min..max), and the GAAF gradient ratio per stage over training (rows: model x regime,
     columns: stages, gaaf-paper dashed vs gaaf-auto solid, the band min..max)."""
+    from matplotlib.ticker import MaxNLocator
+
     from ..analysis.plots import _figure, _save
 
     cells = _cells(results)
@@ -564,13 +566,15 @@ def write_figures(results: dict[str, Any], out: Path, prefix: str = "depth_") ->
     tag = _tag(results)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for key, ylabel, log in (("val_acc", "validation accuracy %", False), ("train_loss", "training loss", True)):
+    for key, ylabel in (("val_error", "validation error % (100 - accuracy)"), ("train_loss", "training loss")):
         fig, axes = _figure(len(regimes), len(models), 4.6, 3.4)
         for i, g in enumerate(regimes):
             for j, m in enumerate(models):
                 ax = axes[i][j]
                 for v in VARIANTS:
-                    mean, lo, hi = _mean_curve([r["history"][key] for r in cells.get((m, g, v), [])])
+                    curves = [[100.0 - a for a in r["history"]["val_acc"]] if key == "val_error" else r["history"][key]
+                              for r in cells.get((m, g, v), [])]  # fmt: skip
+                    mean, lo, hi = _mean_curve(curves)
                     if not mean:
                         continue
                     x = range(1, len(mean) + 1)
@@ -580,17 +584,13 @@ def write_figures(results: dict[str, Any], out: Path, prefix: str = "depth_") ->
                     if div:
                         ax.annotate(f"{v}: {div} diverged", (0.02, 0.02 + 0.08 * VARIANTS.index(v)),
                                     xycoords="axes fraction", fontsize=7, color=COLORS[v])  # fmt: skip
-                if log:
-                    ax.set_yscale("log")
-                elif any(cells.get((m, g, "plain"), [])):  # zoom on the interesting part: near the plain curve
-                    best = [r["best_val_acc"] for r in cells[(m, g, "plain")] if r["best_val_acc"] is not None]
-                    if best:
-                        ax.set_ylim(max(0.0, min(best) - 15), 100.5)
+                ax.set_yscale("log")  # a stalled variant (90% error) and the 1% ones on one axis
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
                 ax.set_title(f"{m}, {g}")
                 ax.set_xlabel("epoch")
                 ax.set_ylabel(ylabel)
                 ax.legend(fontsize=7)
-        fig.suptitle(f"{ylabel} per epoch, mean over seeds, band min..max ({tag})")
+        fig.suptitle(f"{ylabel} per epoch, mean over seeds, band min..max, log scale ({tag})")
         paths.append(out / f"{prefix}{key}.png")
         _save(fig, paths[-1])
     rows = [(m, g) for m in models for g in regimes if any((m, g, v) in cells for v in GAAF_VARIANTS)]
@@ -609,6 +609,7 @@ def write_figures(results: dict[str, Any], out: Path, prefix: str = "depth_") ->
                         ax.plot(x, mean, style, marker="o", ms=3, color=COLORS[v], label=v)
                         ax.fill_between(x, lo, hi, color=COLORS[v], alpha=0.15, linewidth=0)
                 ax.set_yscale("log")
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
                 ax.set_title(f"{m} {g}: {st}", fontsize=9)
                 ax.set_xlabel("epoch (0: start)")
                 if j == 0:
