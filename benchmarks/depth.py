@@ -24,14 +24,18 @@ the same masks; the forwards are checked bit for bit): the plain model, ``gaaf_p
 
 Models: every model of the coverage sweep (gaaf_patch/coverage/zoo.py: one per timm / torchvision family, built by
 its ``build`` at the sweep's 64x64 where the model takes it, else at 128, else at its own size; over 200M parameters
-skipped as the sweep does), then a depth list of ResNets 18-152, EfficientNets B0-B3 and other deep networks (CNNs
-at 128x128, which is what the 2-core CPU allows; transformers at their own 224x224). Batch 4.
+skipped as the sweep does), then a depth list of ResNets 18-152, EfficientNets B0-B3 and other deep networks, each
+at its own input size (224x224 for most; EfficientNet-B1..B3 and Inception-v3 larger). Batch 4. A model whose
+classifier starts at zero sends no gradient back at init (nothing to compare; ``zero_gradient``): it is measured
+again with that classifier redrawn (``head_reinit``).
 
 After training (``--no-trained`` skips it): a few models are trained briefly from scratch on scikit-learn's digits
-(gaaf_patch/data.py, 8x8 upsampled to 3x32x32, SGD with momentum), their ``state_dict`` saved to a temporary folder
-and loaded into a freshly built model (``strict=True``), which is then measured as above on held-out digits, next to
-the same architecture at its initial weights on the same batch. Training and held-out accuracy say whether it
-learnt.
+(gaaf_patch/data.py, 8x8 upsampled to 3x32x32, the ViT to 3x64x64, SGD with momentum), their ``state_dict`` saved
+to a temporary folder and loaded into a freshly built model (``strict=True``), which is then measured as above on
+held-out digits, next to the same architecture at its initial weights on the same batch. Training and held-out
+accuracy say whether it learnt.
+
+One torch thread by default (``--threads``): on a shared 2-core machine two threads ran 10-40x slower.
 
 Results: ``<out>/depth-<date>-cpu.json`` (every number, rewritten atomically after each model so an interrupted run
 keeps what it measured) and ``<out>/depth-<date>-cpu.png`` (ratio against relative depth, log scale, with the
@@ -72,25 +76,25 @@ BATCH = 4
 ZOO_SIZES: tuple[int | None, ...] = (64, 128, None)  # the sweep's size, then a larger one, then the model's own
 MAX_PARAMS = 200_000_000  # the coverage sweep's default limit
 GAINS = ("paper", "auto")
-# (spec, input size): the depth list. CNNs at 128 (2-core CPU), transformers at their fixed 224.
-DEPTH_MODELS: tuple[tuple[str, int], ...] = (
-    ("resnet18", 128),
-    ("resnet34", 128),
-    ("resnet50", 128),
-    ("resnet101", 128),
-    ("resnet152", 128),
-    ("efficientnet_b0", 128),
-    ("efficientnet_b1", 128),
-    ("efficientnet_b2", 128),
-    ("efficientnet_b3", 128),
-    ("mobilenetv3_large_100", 128),
-    ("regnety_008", 128),
-    ("densenet121", 128),
-    ("inception_v3", 128),
-    ("vit_tiny_patch16_224", 224),
-    ("deit_tiny_patch16_224", 224),
-    ("swin_tiny_patch4_window7_224", 224),
-    ("tv:resnet152", 128),
+# (spec, input size): the depth list, at each model's own size (None: timm's pretrained_cfg, torchvision's crop).
+DEPTH_MODELS: tuple[tuple[str, int | None], ...] = (
+    ("resnet18", None),
+    ("resnet34", None),
+    ("resnet50", None),
+    ("resnet101", None),
+    ("resnet152", None),
+    ("efficientnet_b0", None),
+    ("efficientnet_b1", None),
+    ("efficientnet_b2", None),
+    ("efficientnet_b3", None),
+    ("mobilenetv3_large_100", None),
+    ("regnety_008", None),
+    ("densenet121", None),
+    ("inception_v3", None),
+    ("vit_tiny_patch16_224", None),
+    ("deit_tiny_patch16_224", None),
+    ("swin_tiny_patch4_window7_224", None),
+    ("tv:resnet152", None),
 )
 TRAINED_MODELS = (
     "resnet18",
@@ -108,17 +112,20 @@ QUICK_TRAINED = ("test_resnet",)
 @dataclass(frozen=True)
 class TrainConfig:
     size: int = 32
-    steps: int = 80
-    batch: int = 16
+    steps: int = 150
+    batch: int = 32
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 5e-4
     clip: float = 5.0  # gradient-norm clipping: a from-scratch ViT under SGD spikes early without it
-    measure_batch: int = BATCH
+    measure_batch: int = 8  # held-out digits measured on; BatchNorm over 4 samples of a 1x1 map says little
 
 
-QUICK_TRAIN = TrainConfig(steps=30)
-LR = {"vit_tiny_patch16_224": 0.01, "test_vit": 0.01}  # transformers under SGD: a smaller step
+QUICK_TRAIN = TrainConfig(steps=30, batch=32)
+# transformers under SGD: a smaller step; the depthwise nets learn slowly at 0.05 in so few steps
+LR = {"vit_tiny_patch16_224": 0.03, "test_vit": 0.03, "mobilenetv3_large_100": 0.1, "efficientnet_b0": 0.1}
+SIZE = {"vit_tiny_patch16_224": 64}  # 16x16 patches: 4x4 tokens at 64 (2x2 at 32)
+STEPS = {"vit_tiny_patch16_224": 300}  # a ViT from scratch under SGD learns slowest
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -129,10 +136,9 @@ def _finite(v: float) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def _ratio(a: float, b: float) -> float:
-    if b > 0:
-        return a / b
-    return 1.0 if a == 0 else math.nan
+def _ratio(a: float, b: float) -> float | None:
+    """``a / b``; ``None`` where it says nothing: no gradient in the plain run, or a non-finite norm."""
+    return _finite(a / b) if b > 0 and math.isfinite(b) else None
 
 
 def stage_names(model: nn.Module) -> tuple[list[str], str]:
@@ -223,7 +229,7 @@ def grad_norms(model: nn.Module, x: Tensor, seed: int, stages: Sequence[str]) ->
 
 def _same(a: list[Tensor], b: list[Tensor]) -> bool:
     return len(a) == len(b) and all(
-        x.shape == y.shape and torch.equal(x.nan_to_num(), y.nan_to_num()) for x, y in zip(a, b)
+        x.shape == y.shape and torch.equal(x.nan_to_num(), y.nan_to_num()) for x, y in zip(a, b, strict=True)
     )
 
 
@@ -254,12 +260,12 @@ def measure(base: nn.Module, x: Tensor, seed: int = SEED) -> dict[str, Any]:
         row: dict[str, Any] = {"name": n, "depth": k / len(order), "plain": plain["stages"][n]}
         for g in GAINS:
             row[g] = runs[g]["stages"][n]
-            row[f"{g}_ratio"] = _finite(_ratio(runs[g]["stages"][n], plain["stages"][n]))
+            row[f"{g}_ratio"] = _ratio(runs[g]["stages"][n], plain["stages"][n])
         stages.append(row)
     whole = {
         g: {
-            "input": _finite(_ratio(runs[g]["input"], plain["input"])),
-            "params": _finite(_ratio(runs[g]["params"], plain["params"])),
+            "input": _ratio(runs[g]["input"], plain["input"]),
+            "params": _ratio(runs[g]["params"], plain["params"]),
         }
         for g in GAINS
     }
@@ -268,6 +274,8 @@ def measure(base: nn.Module, x: Tensor, seed: int = SEED) -> dict[str, Any]:
         for v, r in runs.items()
     }
     auto_stage = [s["auto_ratio"] for s in stages if s["auto_ratio"] is not None]
+    # a zero-initialised head (torchvision's ViT) sends no gradient back at init: nothing to compare
+    zero = plain["input"] == 0 and plain["params"] == 0
     return {
         "stage_source": source if stages else "none: whole network only",
         "stages": stages,
@@ -276,7 +284,8 @@ def measure(base: nn.Module, x: Tensor, seed: int = SEED) -> dict[str, Any]:
         "sites": sites,
         "forward_identical": {g: _same(plain["outputs"], runs[g]["outputs"]) for g in GAINS},
         "auto_stage_range": [min(auto_stage), max(auto_stage)] if auto_stage else None,
-        "in_target": in_target(whole["auto"]),
+        "zero_gradient": zero,
+        "in_target": None if zero else in_target(whole["auto"]),
     }
 
 
@@ -338,6 +347,21 @@ def build_at(entry: zoo.Entry, sizes: Sequence[int | None], batch: int) -> tuple
     raise RuntimeError("; ".join(errors))
 
 
+HEAD_INIT = "trunc_normal_(std=0.02), seed 0"
+
+
+def reinit_zero_head(model: nn.Module) -> list[str]:
+    """A zero-initialised classifier (the last ``nn.Linear`` whose weight is all zeros: torchvision's ViT, timm's
+    Hiera, gMLP, Sequencer) drawn again at small random values, so the gradient reaches the network; its name."""
+    for name, m in reversed(list(model.named_modules())):
+        if isinstance(m, nn.Linear) and not bool(m.weight.detach().any()):
+            torch.manual_seed(SEED)
+            with torch.no_grad():
+                nn.init.trunc_normal_(m.weight, std=0.02)
+            return [name]
+    return []
+
+
 def init_entry(spec: str, group: str, sizes: Sequence[int | None], batch: int, max_params: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     row: dict[str, Any] = {"model": spec, "group": group}
@@ -353,6 +377,10 @@ def init_entry(spec: str, group: str, sizes: Sequence[int | None], batch: int, m
         if tried:
             row["size_fallback"] = tried
         row.update(measure(model, x))
+        if row["zero_gradient"]:
+            names = reinit_zero_head(model)
+            if names:
+                row["head_reinit"] = {"modules": names, "init": HEAD_INIT, **measure(model, x)}
         row["status"] = "ok"
     except Exception as e:  # noqa: BLE001 - one model's failure is recorded, the run goes on
         row.update(status="error", reason=f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
@@ -365,6 +393,7 @@ def init_entry(spec: str, group: str, sizes: Sequence[int | None], batch: int, m
 # after training
 
 
+@functools.cache
 def digits_at(size: int) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
     """scikit-learn's digits (gaaf_patch.data), 80/20 split, upsampled to ``3 x size x size``, normalised."""
     from gaaf_patch import data
@@ -398,16 +427,37 @@ def train(model: nn.Module, x: Tensor, y: Tensor, cfg: TrainConfig, lr: float, s
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
+    refresh_norm_stats(model, x, cfg.batch, gen)
     tail = losses[-10:]
-    return {"seconds": round(time.perf_counter() - t0, 1), "first_loss": losses[0], "final_loss": sum(tail) / len(tail)}
+    return {
+        "seconds": round(time.perf_counter() - t0, 1),
+        "first_loss": losses[0],
+        "final_loss": sum(tail) / len(tail),
+        "norm_stats_refresh_batches": REFRESH_BATCHES,
+    }
 
 
-def trained_entry(spec: str, cfg: TrainConfig, digits: Any) -> dict[str, Any]:
+REFRESH_BATCHES = 20
+
+
+@torch.no_grad()
+def refresh_norm_stats(model: nn.Module, x: Tensor, batch: int, gen: torch.Generator) -> None:
+    """BatchNorm running statistics re-estimated on the final weights (train-mode forwards, no gradient): after a
+    short run at momentum 0.1 they still mix in the first steps' statistics, and eval-mode accuracy reads them."""
+    model.train()
+    for _ in range(REFRESH_BATCHES):
+        model(x[torch.randint(0, len(x), (batch,), generator=gen)])
+
+
+def trained_entry(spec: str, cfg: TrainConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
-    (xtr, ytr), (xte, yte) = digits
-    shape = (3, cfg.size, cfg.size)
+    size = SIZE.get(spec, cfg.size)
+    (xtr, ytr), (xte, yte) = digits_at(size)
+    shape = (3, size, size)
     lr = LR.get(spec, cfg.lr)
+    if spec in STEPS and cfg.steps == TrainConfig.steps:  # the defaults' per-model override; --train-steps wins
+        cfg = TrainConfig(**{**cfg.__dict__, "steps": STEPS[spec]})
     row: dict[str, Any] = {"model": spec, "input_size": list(shape), "batch": cfg.measure_batch}
     try:
         torch.manual_seed(SEED)
@@ -472,6 +522,9 @@ def save_json(results: dict[str, Any], path: Path) -> None:
             json.dump(_json_safe(results), f, indent=1, allow_nan=False)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 is for secrets; this is a results file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -481,9 +534,9 @@ def save_json(results: dict[str, Any], path: Path) -> None:
 def _fmt(r: float | None) -> str:
     if r is None:
         return "overflow"
-    if r == 0:
-        return "0"
-    return f"{r:.3g}" if 1e-3 <= abs(r) < 1e4 else f"{r:.2e}"
+    if abs(r) < 10:
+        return f"{r:.3f}" if abs(r) >= 1e-3 or r == 0 else f"{r:.2e}"
+    return f"{r:.0f}" if abs(r) < 1e4 else f"{r:.2e}"
 
 
 def table_rows(results: dict[str, Any]) -> list[list[str]]:
@@ -494,6 +547,9 @@ def table_rows(results: dict[str, Any]) -> list[list[str]]:
     def add(model: str, when: str, size: Any, m: dict[str, Any]) -> None:
         w = m["whole"]
         rng = m.get("auto_stage_range")
+        if m["zero_gradient"]:
+            rows.append([model, when, "x".join(map(str, size[1:])), *["n/a"] * 4, "", "n/a: plain gradient is 0"])
+            return
         rows.append(
             [
                 model,
@@ -511,6 +567,8 @@ def table_rows(results: dict[str, Any]) -> list[list[str]]:
     for r in results["init"]:
         if r["status"] == "ok":
             add(r["model"], "init", r["input_size"], r)
+            if "head_reinit" in r:
+                add(r["model"], "init, zero head redrawn", r["input_size"], r["head_reinit"])
         else:
             rows.append([r["model"], "init", "", r["status"], r.get("reason", "")[:60], "", "", "", ""])
     for r in results.get("trained", []):
@@ -548,10 +606,10 @@ def print_table(results: dict[str, Any]) -> None:
 
     t = Table(title=f"GAAF gradient-norm ratio patched / plain (target [{SAFE[0]}, {SAFE[1]}])")
     for c in COLUMNS:
-        t.add_column(c, justify="left" if c in ("model", "weights", "input") else "right")
+        t.add_column(c, justify="left" if c in ("model", "weights", "input") else "right", no_wrap=c == "model")
     for row in table_rows(results):
         t.add_row(*row, style="bold red" if row[-1] == "NO" else None)
-    Console(width=None if sys.stdout.isatty() else 160).print(t)
+    Console(width=None if sys.stdout.isatty() else 200).print(t)
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
@@ -571,20 +629,22 @@ def plot(results: dict[str, Any], path: Path) -> None:
         for s in m["stages"]:
             xs.append(s["depth"])
             ys.append(s[f"{gain}_ratio"])
-        pts = [(a, b) for a, b in zip(xs, ys) if b is not None and b > 0]
+        pts = [(a, b) for a, b in zip(xs, ys, strict=True) if b is not None and b > 0]
         return [a for a, _ in pts], [b for _, b in pts]
 
     ok = [r for r in results["init"] if r["status"] == "ok"]
-    for ax, (title, g) in zip(axes, panels):
+    for ax, (title, g) in zip(axes, panels, strict=False):
         ci = 0
         for r in ok:
-            xs, ys = curve(r, g)
+            if r["zero_gradient"] and "head_reinit" not in r:
+                continue
+            xs, ys = curve(r.get("head_reinit", r), g)
             if r["group"] != "zoo":
                 ax.plot(xs, ys, "-o", ms=3, lw=1.6, color=colors(ci % 20), label=f"{r['model']} ({r['input_size'][1]})")
                 ci += 1
             else:
                 ax.plot(xs, ys, "-", lw=0.6, color="0.6", alpha=0.6)
-        ax.plot([], [], "-", lw=0.6, color="0.6", label="coverage zoo (one per family, 64x64)")
+        ax.plot([], [], "-", lw=0.6, color="0.6", label="coverage zoo (one model per family)")
         ax.set_title(title)
     if trained:
         ax = axes[2]
@@ -592,11 +652,14 @@ def plot(results: dict[str, Any], path: Path) -> None:
             c = colors(i % 20)
             for g, style in (("paper", "--"), ("auto", "-o")):
                 xs, ys = curve(r["trained"], g)
-                label = f"{r['model']} (acc {r['train']['train_acc']:.2f})" if g == "auto" else None
+                acc = r["train"]["train_acc"]
+                label = f"{r['model']} ({r['input_size'][1]}, acc {acc:.2f})" if g == "auto" else None
                 ax.plot(xs, ys, style, ms=3, lw=1.4, color=c, label=label)
         ax.plot([], [], "--", color="k", label="gain='paper'")
         ax.plot([], [], "-", color="k", label="gain='auto'")
-        ax.set_title(f"after training on digits ({trained[0]['input_size'][1]}x{trained[0]['input_size'][2]})")
+        batch = trained[0]["batch"]
+        ax.set_title(f"after a short training on digits (checkpoint reloaded; {batch} held-out images)", fontsize=10)
+    axes[1].set_ylim(0.25, 4.0)  # the auto gain stays near 1: show the band's edges
     for ax in axes:
         ax.set_yscale("log")
         ax.axhspan(*SAFE, color="tab:green", alpha=0.15, label=f"target [{SAFE[0]}, {SAFE[1]}]")
@@ -618,20 +681,26 @@ def plot(results: dict[str, Any], path: Path) -> None:
 def summarize(results: dict[str, Any]) -> dict[str, Any]:
     ok = [r for r in results["init"] if r["status"] == "ok"]
     tr = [r for r in results.get("trained", []) if r["status"] == "ok"]
+    heads = [r for r in ok if "head_reinit" in r]
 
     def out(rows: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
-        return [{"model": n, **m["whole"]["auto"]} for n, m in rows if not m["in_target"]]
+        return [{"model": n, **m["whole"]["auto"]} for n, m in rows if m["in_target"] is False]
 
     return {
         "init_measured": len(ok),
         "init_skipped": [r["model"] for r in results["init"] if r["status"] == "skip"],
         "init_errors": [r["model"] for r in results["init"] if r["status"] == "error"],
-        "init_auto_in_target": sum(r["in_target"] for r in ok),
-        "init_auto_out_of_target": out([(r["model"], r) for r in ok]),
+        "init_auto_in_target": sum(r["in_target"] is True for r in ok),
+        "init_zero_gradient": [r["model"] for r in ok if r["zero_gradient"]],
+        "init_auto_out_of_target": out(
+            [(r["model"], r) for r in ok] + [(f"{r['model']} (head redrawn)", r["head_reinit"]) for r in heads]
+        ),
+        "init_head_redrawn": [r["model"] for r in heads],
+        "init_head_redrawn_auto_in_target": sum(r["head_reinit"]["in_target"] is True for r in heads),
         "init_whole_network_only": [r["model"] for r in ok if not r["stages"]],
         "forward_not_identical": [r["model"] for r in ok if not all(r["forward_identical"].values())],
         "trained_measured": len(tr),
-        "trained_auto_in_target": sum(r["trained"]["in_target"] for r in tr),
+        "trained_auto_in_target": sum(r["trained"]["in_target"] is True for r in tr),
         "trained_auto_out_of_target": out([(r["model"], r["trained"]) for r in tr]),
         "trained_errors": [r["model"] for r in results.get("trained", []) if r["status"] == "error"],
     }
@@ -648,15 +717,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default="benchmarks/results", help="results folder (default benchmarks/results)")
     p.add_argument("--no-trained", dest="trained", action="store_false", help="skip the after-training part")
     p.add_argument("--trained-models", default=None, help="comma-separated models for the after-training part")
-    p.add_argument("--train-steps", type=int, default=None, help="SGD steps per trained model (default 80)")
+    p.add_argument("--train-steps", type=int, default=None, help="SGD steps per trained model (default 150)")
     p.add_argument("--batch", type=int, default=BATCH, help=f"measuring batch (default {BATCH})")
     p.add_argument("--size", type=int, default=None, help="input size for every model (default: per model)")
     p.add_argument("--no-zoo", action="store_true", help="the depth list only, not the coverage sweep's models")
     p.add_argument("--max-params", type=int, default=MAX_PARAMS, help="skip larger models (the sweep's 200M)")
-    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (0: torch's default)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (0: torch's default); on a shared 2-core machine 2 threads ran 10-40x slower "
+        "than 1 (OpenMP threads spinning against other processes)",
+    )
     p.add_argument("--tag", default="cpu", help="file name suffix: depth-<date>-<tag>.json")
     p.add_argument("--markdown", default=None, help="also write the table as markdown here")
     return p.parse_args(argv)
+
+
+def _sizes(size: int | None) -> tuple[int | None, ...]:
+    return (None,) if size is None else (size, None)
 
 
 def plan(args: argparse.Namespace) -> tuple[list[tuple[str, str, tuple[int | None, ...]]], list[str]]:
@@ -668,19 +747,45 @@ def plan(args: argparse.Namespace) -> tuple[list[tuple[str, str, tuple[int | Non
         trained = list(QUICK_TRAINED)
     elif args.models:
         wanted = [m.strip() for m in args.models.split(",") if m.strip()]
-        init = [(s, "depth", (depth[s], None)) if s in depth else (s, "selected", ZOO_SIZES) for s in wanted]
+        init = [(s, "depth", _sizes(depth[s])) if s in depth else (s, "selected", ZOO_SIZES) for s in wanted]
         trained = [s for s in TRAINED_MODELS if s in wanted]
     else:
         init = [] if args.no_zoo else [(e.spec, "zoo", ZOO_SIZES) for e in zoo.entries() if e.spec not in depth]
-        init += [(s, "depth", (n, None)) for s, n in DEPTH_MODELS]
+        init += [(s, "depth", _sizes(n)) for s, n in DEPTH_MODELS]
         trained = list(TRAINED_MODELS)
     if args.trained_models is not None:
         trained = [m.strip() for m in args.trained_models.split(",") if m.strip()]
     if args.size:
-        init = [(s, g, (args.size, None)) for s, g, _ in init]
+        init = [(s, g, _sizes(args.size)) for s, g, _ in init]
     if not args.trained:
         trained = []
     return init, trained
+
+
+def _kernels_state() -> str:
+    from gaaf_patch import kernels
+
+    try:
+        return "C++ kernel" if kernels.available() else "plain torch ops (no C++ kernel)"
+    except Exception as e:  # noqa: BLE001
+        return f"unknown ({type(e).__name__})"
+
+
+def worktree_changes() -> list[str]:
+    """``git status --porcelain`` of the tracked files: what the commit hash does not say about the code measured."""
+    import subprocess
+
+    try:
+        root = Path(__file__).resolve().parents[1]
+        out = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout
+        return out.splitlines()
+    except (OSError, subprocess.SubprocessError):
+        return []
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -699,17 +804,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = QUICK_TRAIN if args.quick else TrainConfig()
     if args.train_steps:
         cfg = TrainConfig(**{**cfg.__dict__, "steps": args.train_steps})
-    cfg = TrainConfig(**{**cfg.__dict__, "measure_batch": args.batch})
     results: dict[str, Any] = {
         "benchmark": "depth",
         "command": ["python", "-m", "benchmarks.depth", *(sys.argv[1:] if argv is None else argv)],
-        "machine": machine_info(torch.get_num_threads()),
+        "machine": {**machine_info(torch.get_num_threads()), "worktree_changes": worktree_changes()},
         "settings": {
             "seed": SEED,
             "batch": args.batch,
             "target": list(SAFE),
             "loss": "sum over output tensors of mean(output^2), train mode (gaaf_patch.measure_gradient_scale's)",
             "gains": {"paper": "gaaf_patch.patch(m, gain='paper')", "auto": "gaaf_patch.patch(m) (gain='auto')"},
+            "kernels": _kernels_state(),
             "auto_budget": _gain.BUDGET,
             "auto_max_delta": _gain.MAX_DELTA,
             "zoo_sizes_tried": [s or "native" for s in ZOO_SIZES],
@@ -718,6 +823,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 **cfg.__dict__,
                 "data": "sklearn digits, 80/20 holdout (seed 0), bilinear to 3xSxS, (x-0.5)/0.5",
                 "lr_overrides": LR,
+                "size_overrides": SIZE,
+                "steps_overrides": STEPS,
             },
         },
         "models": [s for s, _, _ in init_plan],
@@ -728,7 +835,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for i, (spec, group, sizes) in enumerate(init_plan, 1):
         row = init_entry(spec, group, sizes, args.batch, args.max_params)
         results["init"].append(row)
-        if row["status"] == "ok":
+        if row["status"] == "ok" and row["zero_gradient"]:
+            msg = "no gradient in the plain model (nothing to compare)"
+        elif row["status"] == "ok":
             w = row["whole"]
             msg = (
                 f"paper {_fmt(w['paper']['params'])}/{_fmt(w['paper']['input'])} "
@@ -739,9 +848,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"[{i}/{len(init_plan)}] {spec} ({row['seconds']:.1f} s): {msg}", flush=True)
         save_json(results, json_path)
     if trained_plan:
-        digits = digits_at(cfg.size)
         for spec in trained_plan:
-            row = trained_entry(spec, cfg, digits)
+            row = trained_entry(spec, cfg)
             results["trained"].append(row)
             if row["status"] == "ok":
                 w = row["trained"]["whole"]
@@ -765,7 +873,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         Path(args.markdown).write_text(markdown(results))
     s = results["summary"]
     print(
-        f"{results['wall_s']:.0f} s; auto in target: {s['init_auto_in_target']}/{s['init_measured']} at init, "
+        f"{results['wall_s']:.0f} s; auto in target: {s['init_auto_in_target']}/"
+        f"{s['init_measured'] - len(s['init_zero_gradient'])} at init, "
+        f"{s['init_head_redrawn_auto_in_target']}/{len(s['init_head_redrawn'])} with a zero head redrawn, "
         f"{s['trained_auto_in_target']}/{s['trained_measured']} trained; {json_path}, {png_path}"
     )
     return results
