@@ -30,8 +30,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <optional>
+#include <vector>
 
 namespace {
 
@@ -106,43 +108,52 @@ inline Vectorized<T> step(Vectorized<T> g, Vectorized<T> t, Vectorized<T> base, 
   return at::vec::fmadd(V(p.h) * s, at::vec::fmsub(V(p.u), g, V(p.v) * dphi_g), dphi_g);
 }
 
-// phi'(x) and x from one saved value, in double: the scalar twin of `step` above, for the sampled moments.
-inline void dphi_x(int64_t act, double t, double& dphi, double& x) {
-  switch (act) {
-    case 0: dphi = 1 - t * t; x = std::atanh(std::clamp(t, -1 + 1e-16, 1 - 1e-16)); return;
-    case 1: dphi = t * (1 - t); x = std::log(t / (1 - t)); return;
-    case 2: dphi = t > 0 ? 1.0 : 0.0; x = t; return;
-    case 4: { const double y = std::tanh(t); dphi = 1 - y * y; x = t; return; }
-    default: { const double y = 1 / (1 + std::exp(-t)); dphi = y * (1 - y); x = t; return; }
+// The second moments of phi' and of st = s~ (u - phi') over m values, with `step` itself: h = 0 gives phi' (dy = 1),
+// h = 1 the whole blend phi' + st. Returns {A, a, b} = sums of phi'^2, st^2, phi' st.
+template <typename T, int Act, int Shape>
+std::array<double, 3> moments(const T* buf, int64_t m, Args<T> p) {
+  using V = Vectorized<T>;
+  const V one(T(1)), zero(T(0));
+  Args<T> pd = p, pm = p;
+  pd.h = T(0), pd.v = T(1), pm.h = T(1), pm.v = T(1);
+  V sA(zero), sa(zero), sb(zero);
+  for (int64_t i = 0; i < m; i += V::size()) {
+    const int64_t rest = std::min<int64_t>(V::size(), m - i);
+    const V t = rest == V::size() ? V::loadu(buf + i) : V::loadu(buf + i, rest);
+    V d = step<T, Act, Shape>(one, t, zero, pd);
+    V st = step<T, Act, Shape>(one, t, zero, pm) - d;
+    if (rest < V::size()) d = V::set(zero, d, rest), st = V::set(zero, st, rest);  // the tail's padding lanes
+    sA = at::vec::fmadd(d, d, sA), sa = at::vec::fmadd(st, st, sa), sb = at::vec::fmadd(d, st, sb);
   }
-}
-
-inline double unit_shape(int64_t shape, double x, double a, double b, double c) {
-  if (shape == 0) return std::exp2(a * (x - b) * (x - b));
-  if (shape == 1) return 1 / (1 + std::exp(-a * (x + b)));
-  return 1 / ((1 + std::exp(-a * (x - b))) * (1 + std::exp(-a * (c - x))));
+  T lanes[3][V::size()];
+  sA.store(lanes[0]), sa.store(lanes[1]), sb.store(lanes[2]);
+  std::array<double, 3> out{0, 0, 0};
+  for (int k = 0; k < 3; ++k)
+    for (int64_t j = 0; j < V::size(); ++j) out[k] += double(lanes[k][j]);
+  return out;
 }
 
 template <typename T>
-double blend_coefficient(const T* t, int64_t n, int64_t samples, int64_t act, int64_t shape, double a, double b,
-                         double c, double slope, double delta) {
-  int64_t step = 1;
+double blend_coefficient(const T* t, int64_t n, int64_t samples, int64_t act, int64_t shape, const Args<T>& p,
+                         double delta) {
+  int64_t step_ = 1;
   if (n > 2 * samples) {
-    step = n / samples;
-    step += 1 - step % 2;  // odd: a power-of-two channel count is not aliased
+    step_ = n / samples;
+    step_ += 1 - step_ % 2;  // odd: a power-of-two channel count is not aliased
   }
-  double A = 0, qa = 0, qb = 0;
-  int64_t count = 0;
-  for (int64_t i = 0; i < n; i += step, ++count) {
-    double dphi, x;
-    dphi_x(act, double(t[i]), dphi, x);
-    const double st = unit_shape(shape, x, a, b, c) * (slope - dphi);
-    A += dphi * dphi;
-    qa += st * st;
-    qb += dphi * st;
-  }
-  if (count == 0) return 0.0;
-  A /= count, qa /= count, qb /= count;
+  std::vector<T> buf;
+  buf.reserve(n / step_ + 1);
+  for (int64_t i = 0; i < n; i += step_) buf.push_back(t[i]);
+  const int64_t m = int64_t(buf.size());
+  if (m == 0) return 0.0;
+  std::array<double, 3> q{0, 0, 0};
+#define GAAF_CASE(A, S) \
+  if (act == A && shape == S) q = moments<T, A, S>(buf.data(), m, p);
+  GAAF_CASE(0, 0) GAAF_CASE(0, 1) GAAF_CASE(0, 2) GAAF_CASE(1, 0) GAAF_CASE(1, 1) GAAF_CASE(1, 2)
+  GAAF_CASE(2, 0) GAAF_CASE(2, 1) GAAF_CASE(2, 2) GAAF_CASE(4, 0) GAAF_CASE(4, 1) GAAF_CASE(4, 2)
+  GAAF_CASE(5, 0) GAAF_CASE(5, 1) GAAF_CASE(5, 2)
+#undef GAAF_CASE
+  const double A = q[0] / m, qa = q[1] / m, qb = q[2] / m;
   if (!(qa > 0)) return 0.0;
   const double root = std::sqrt(qb * qb + qa * delta * A);
   const double cc = (qb >= 0 && root + qb > 0) ? delta * A / (root + qb) : (root - qb) / qa;
@@ -201,10 +212,12 @@ at::Tensor backward(const at::Tensor& gy, const at::Tensor& t, const std::option
   const int64_t n = tc.numel();
   if (delta >= 0) {  // the auto gain: c from the sampled moments, then the blend toward the slope u
     TORCH_CHECK(act != 3, "gaaf_patch.backward: the blend coefficient needs phi', which act 3 does not compute");
-    const double cc = tc.scalar_type() == at::kFloat
-                          ? blend_coefficient<float>(tc.const_data_ptr<float>(), n, samples, act, shape, a, b, c, u, delta)
-                          : blend_coefficient<double>(tc.const_data_ptr<double>(), n, samples, act, shape, a, b, c, u,
-                                                      delta);
+    const double cc =
+        tc.scalar_type() == at::kFloat
+            ? blend_coefficient<float>(tc.const_data_ptr<float>(), n, samples, act, shape,
+                                       Args<float>{float(a), float(b), float(c), 0.f, float(u), 1.f}, delta)
+            : blend_coefficient<double>(tc.const_data_ptr<double>(), n, samples, act, shape,
+                                        Args<double>{a, b, c, 0.0, u, 1.0}, delta);
     h = cc, v = 1.0;
   }
   if (tc.scalar_type() == at::kFloat) {
