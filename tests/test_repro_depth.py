@@ -30,7 +30,7 @@ def _count_fits(monkeypatch) -> list[str]:
 
 def test_cli_repro_depth_quick_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
     out = tmp_path / "quick"
-    base = ["repro", "depth", "--quick", "--out", str(out), "--threads", "2", "--models", "resnet18"]
+    base = ["repro", "depth", "--quick", "--out", str(out), "--threads", "1", "--models", "resnet18"]
     calls = _count_fits(monkeypatch)
     assert cli.main([*base, "--regimes", "scratch"]) == 0
     assert len(calls) == 4  # the four scratch variants
@@ -50,6 +50,8 @@ def test_cli_repro_depth_quick_end_to_end_and_resume(tmp_path, monkeypatch, caps
     assert res["setup"]["recipes"]["scratch"]["lr"] == 0.1 and res["setup"]["recipes"]["finetune"]["lr"] == 0.01
     assert res["data"]["source"] == "digits" and res["data"]["train"] == depth.QUICK.train
     assert res["environment"]["torch"] == torch.__version__ and "git_commit" in res["environment"]
+    assert res["environment"] == first["environment"]  # the first invocation's; each run keeps its own
+    assert all(r["environment"]["torch"] == torch.__version__ for r in res["runs"])
     assert res["regimes"] == ["scratch", "finetune"] and res["variants"] == list(depth.VARIANTS)
     # the four scratch runs were not run again
     assert {(r["regime"], r["variant"]): r["finished"] for r in res["runs"] if r["regime"] == "scratch"} == stamps

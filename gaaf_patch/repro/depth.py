@@ -144,12 +144,12 @@ class DepthConfig:
     regimes: tuple[str, ...] = REGIMES
     seeds: int = 1
     sizing: Sizing = FULL
+    recipes: dict[str, Recipe] = field(default_factory=lambda: dict(RECIPES))
+    quick: bool = False  # recorded in the setup; the sizing says what --quick means
     data_dir: str | None = None
+    resume: bool = False
     device: str = "auto"
     threads: int | None = None
-    resume: bool = False
-    quick: bool = False
-    recipes: dict[str, Recipe] = field(default_factory=lambda: dict(RECIPES))
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -446,18 +446,20 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, dict[
     return out
 
 
-def _load(path: Path, setup: dict[str, Any]) -> dict[str, Any]:
+def _resumed(path: Path, setup: dict[str, Any]) -> dict[str, Any]:
+    """The results in ``path``, if they are this study's with this ``setup``; a ValueError naming what differs."""
     try:
-        results = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        old = json.loads(path.read_text())
+        ours = (old["study"], old["version"]) == ("depth", VERSION)
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"cannot resume from {path}: {e}") from e
-    if (results.get("study"), results.get("version")) != ("depth", VERSION):
+    if not ours:
         raise ValueError(f"{path} is not a results file of the depth study (version {VERSION}); use another --out")
-    old = results.get("setup", {})
-    if old != setup:
-        what = ", ".join(sorted(k for k in setup if old.get(k) != setup[k]))
-        raise ValueError(f"cannot resume {path}: it was run with different {what}; use the same flags or another --out")
-    return results
+    differ = sorted(k for k in setup if old.get("setup", {}).get(k) != setup[k])
+    if differ:
+        raise ValueError(f"cannot resume {path}: it was run with different {', '.join(differ)}; use the same flags "
+                         "or another --out")  # fmt: skip
+    return old
 
 
 def _git_commit() -> str | None:
@@ -476,23 +478,22 @@ def run_study(cfg: DepthConfig, reporter: Reporter | None = None) -> dict[str, A
     """Run every (model, regime, variant, seed) not yet in ``cfg.out/results.json``; returns the results."""
     import timm
 
-    reporter = reporter or Reporter()
     path = cfg.out / RESULTS
-    setup = cfg.setup()
-    if path.exists() and not cfg.resume:
-        raise ValueError(f"{path} exists; pass --resume to continue that study, or choose another --out")
-    if path.exists():
-        results = _load(path, setup)
+    if not path.exists():
+        results = {"study": "depth", "version": VERSION, "setup": cfg.setup(), "runs": [], "pretrain": {}}
+    elif cfg.resume:  # checked before the data load: a refused resume fails at once
+        results = _resumed(path, cfg.setup())
     else:
-        results = {"study": "depth", "version": VERSION, "setup": setup, "runs": [], "pretrain": {}}
+        raise ValueError(f"{path} exists; pass --resume to continue that study, or choose another --out")
+    reporter = reporter or Reporter()
     for k, chosen in (("models", cfg.models), ("regimes", cfg.regimes), ("variants", cfg.variants)):
         results[k] = list(dict.fromkeys([*results.get(k, []), *chosen]))
-    cfg.out.mkdir(parents=True, exist_ok=True)
+    device = _device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = _device(cfg.device)
-    results["environment"] = {**_environment(device), "timm": timm.__version__, "cpus": os.cpu_count(),
-                              "git_commit": _git_commit()}  # fmt: skip
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    env = {**_environment(device), "timm": timm.__version__, "cpus": os.cpu_count(), "git_commit": _git_commit()}
+    results.setdefault("environment", env)  # the first invocation's; every run records the one it ran in
     done = {_key(r) for r in results["runs"]}
     # Seed-major, plain first: after k seeds every cell has k runs, and each variant has its plain reference.
     todo = [(m, g, v, s) for s in range(cfg.seeds) for m in cfg.models for g in cfg.regimes
@@ -506,6 +507,7 @@ def run_study(cfg: DepthConfig, reporter: Reporter | None = None) -> dict[str, A
         _warm_up(list(dict.fromkeys(t[0] for t in todo)), data.x_train[:batch], data.y_train[:batch])
     for m, g, v, s in todo:
         run = run_one(cfg, m, g, v, s, data, results, reporter)
+        run["environment"] = env
         run["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         results["runs"].append(run)
         _reach(results["runs"])
@@ -575,22 +577,21 @@ def write_figures(results: dict[str, Any], out: Path, prefix: str = "depth_") ->
                     curves = [[100.0 - a for a in r["history"]["val_acc"]] if key == "val_error" else r["history"][key]
                               for r in cells.get((m, g, v), [])]  # fmt: skip
                     mean, lo, hi = _mean_curve(curves)
-                    if not mean:
-                        continue
-                    x = range(1, len(mean) + 1)
-                    ax.plot(x, mean, marker="o", ms=3, color=COLORS[v], label=v)
-                    ax.fill_between(x, lo, hi, color=COLORS[v], alpha=0.15, linewidth=0)
-                    div = sum(r["diverged"] for r in cells[(m, g, v)])
-                    if div:
-                        ax.annotate(f"{v}: {div} diverged", (0.02, 0.02 + 0.08 * VARIANTS.index(v)),
-                                    xycoords="axes fraction", fontsize=7, color=COLORS[v])  # fmt: skip
+                    div = sum(r["diverged"] for r in cells.get((m, g, v), []))
+                    if div:  # a run that diverged in its first epoch has no point to plot: say so
+                        ax.annotate(f"{v}: {div}/{len(curves)} diverged", (0.02, 0.02 + 0.08 * VARIANTS.index(v)),
+                                    xycoords="axes fraction", fontsize=8, color=COLORS[v])  # fmt: skip
+                    if mean:
+                        x = range(1, len(mean) + 1)
+                        ax.plot(x, mean, marker="o", ms=3, color=COLORS[v], label=v)
+                        ax.fill_between(x, lo, hi, color=COLORS[v], alpha=0.15, linewidth=0)
                 ax.set_yscale("log")  # a stalled variant (90% error) and the 1% ones on one axis
                 ax.xaxis.set_major_locator(MaxNLocator(integer=True))
                 ax.set_title(f"{m}, {g}")
                 ax.set_xlabel("epoch")
                 ax.set_ylabel(ylabel)
                 ax.legend(fontsize=7)
-        fig.suptitle(f"{ylabel} per epoch, mean over seeds, band min..max, log scale ({tag})")
+        fig.suptitle(f"{ylabel} per epoch, log scale\nmean over seeds, band min..max; {tag}")
         paths.append(out / f"{prefix}{key}.png")
         _save(fig, paths[-1])
     rows = [(m, g) for m in models for g in regimes if any((m, g, v) in cells for v in GAAF_VARIANTS)]
@@ -615,7 +616,8 @@ def write_figures(results: dict[str, Any], out: Path, prefix: str = "depth_") ->
                 if j == 0:
                     ax.set_ylabel("patched / plain grad norm")
                     ax.legend(fontsize=7)
-        fig.suptitle(f"GAAF gradient ratio at each stage's output, fixed batch; grey: [0.5, 2] ({tag})")
+        fig.suptitle(f"GAAF gradient ratio (patched / unpatched, same weights) at each stage's output, fixed batch; "
+                     f"grey: [0.5, 2]\nmean over seeds, band min..max; {tag}")  # fmt: skip
         paths.append(out / f"{prefix}grad_ratio.png")
         _save(fig, paths[-1])
     return paths

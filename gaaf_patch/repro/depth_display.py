@@ -25,7 +25,7 @@ class DepthReporter(RichReporter):
             soft_wrap=True,
         )
         self.progress.start()
-        self._all = self.progress.add_task("study", total=len(runs), info="")
+        self._all = self.progress.add_task("depth study", total=len(runs), info="")
 
     def epoch(self, model: str, seed: int, log: EpochLog) -> None:
         info = f"loss {log.train_loss:.4f}  val {log.val_acc:.2f}%  best ep {log.best_epoch}  {log.seconds:.1f} s"
