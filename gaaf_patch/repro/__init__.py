@@ -1,4 +1,5 @@
-"""Reproductions of the paper's experiments. ``gaaf-patch repro mnist`` runs :func:`.mnist.run_study`."""
+"""Studies. ``gaaf-patch repro mnist`` (the paper's experiments) runs :func:`.mnist.run_study`; ``gaaf-patch repro
+depth`` (deep ResNets at their usual learning rates, paper gain against the auto gain) runs :mod:`.depth`."""
 
 from .mnist import StudyConfig, run_study, summarize
 from .models import MODELS, PAPER, PAPER_GRADIENT_INFO
