@@ -539,6 +539,11 @@ def _fmt(r: float | None) -> str:
     return f"{r:.0f}" if abs(r) < 1e4 else f"{r:.2e}"
 
 
+def _ratios_text(whole: dict[str, Any]) -> str:
+    """``paper P/I auto P/I``: the whole-network ratios (parameters / input) of one measurement, for the log."""
+    return " ".join(f"{g} {_fmt(whole[g]['params'])}/{_fmt(whole[g]['input'])}" for g in ("paper", "auto"))
+
+
 def table_rows(results: dict[str, Any]) -> list[list[str]]:
     """One row per measurement: model, when, input, paper params / input ratio, auto params / input ratio, auto
     per-stage range, in target."""
@@ -838,11 +843,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if row["status"] == "ok" and row["zero_gradient"]:
             msg = "no gradient in the plain model (nothing to compare)"
         elif row["status"] == "ok":
-            w = row["whole"]
-            msg = (
-                f"paper {_fmt(w['paper']['params'])}/{_fmt(w['paper']['input'])} "
-                f"auto {_fmt(w['auto']['params'])}/{_fmt(w['auto']['input'])} {len(row['stages'])} stages"
-            )
+            msg = f"{_ratios_text(row['whole'])} {len(row['stages'])} stages"
         else:
             msg = f"{row['status']}: {row.get('reason', '')[:100]}"
         print(f"[{i}/{len(init_plan)}] {spec} ({row['seconds']:.1f} s): {msg}", flush=True)
@@ -852,12 +853,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             row = trained_entry(spec, cfg)
             results["trained"].append(row)
             if row["status"] == "ok":
-                w = row["trained"]["whole"]
-                msg = (
-                    f"acc {row['train']['train_acc']:.3f}/{row['train']['heldout_acc']:.3f} "
-                    f"paper {_fmt(w['paper']['params'])}/{_fmt(w['paper']['input'])} "
-                    f"auto {_fmt(w['auto']['params'])}/{_fmt(w['auto']['input'])}"
-                )
+                acc = f"acc {row['train']['train_acc']:.3f}/{row['train']['heldout_acc']:.3f}"
+                msg = f"{acc} {_ratios_text(row['trained']['whole'])}"
             else:
                 msg = f"{row['status']}: {row.get('reason', '')[:100]}"
             print(f"[trained] {spec} ({row['seconds']:.1f} s): {msg}", flush=True)
