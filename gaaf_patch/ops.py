@@ -148,6 +148,8 @@ def _shape_term(shape: ShapeFn, x: Tensor, owned: bool) -> tuple[Tensor | None, 
     s = shape(x)
     if not isinstance(s, Tensor):
         s = torch.as_tensor(s, dtype=x.dtype, device=x.device)
+    elif s is x:  # an identity-like user shape: the callers write into s, never into what backward saved
+        s = s.clone()
     return s, 1.0
 
 
@@ -185,7 +187,7 @@ def _blend_coefficient(
     s, _h = _shape_term(shape, x, owned=False)
     if s is None:
         return 0.0
-    return _gain.coefficient(dphi, s.mul_(dphi.neg().add_(act.slope)) if s is not x else s * (act.slope - dphi), delta)
+    return _gain.coefficient(dphi, s.mul_(dphi.neg().add_(act.slope)), delta)
 
 
 # The fused C++ kernel (gaaf_patch.kernels): its codes for phi' and for the shape family.

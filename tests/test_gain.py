@@ -239,3 +239,14 @@ def test_cli_reports_the_gradient_scale_and_warns_on_the_paper_gain(capsys):
     scale = json.loads(captured.out)["report"]["gradient_scale"]
     assert 0.5 <= scale["input"] <= 2 and 0.5 <= scale["params"] <= 2 and scale["safe"] is True
     assert captured.err == ""
+
+
+def test_a_user_shape_returning_its_input_does_not_touch_what_backward_saved():
+    """An identity-like callable shape: the auto blend scales s in place, which must not be the saved input."""
+    x = torch.linspace(-2, 2, 50, dtype=torch.float64).requires_grad_()
+    y = gaaf_patch.gaaf(x, "relu", lambda t: t, delta=0.5)
+    y.backward(torch.ones_like(x), retain_graph=True)
+    first = x.grad.clone()
+    x.grad = None
+    y.backward(torch.ones_like(x))  # the same saved tensor, read again
+    torch.testing.assert_close(x.grad, first, rtol=0, atol=0)
