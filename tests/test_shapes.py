@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+import gaaf_patch
 from gaaf_patch import shapes
 from gaaf_patch.activations import ACTIVATIONS
 from gaaf_patch.shapes import ShapeFn, available, get, register, resolve
@@ -382,3 +383,30 @@ def test_shape_keeps_dtype_and_shape(name, dtype):
     v = get(name)(x)
     assert v.dtype == dtype and v.shape == x.shape
     assert torch.isfinite(v).all()
+
+
+@pytest.mark.parametrize(
+    "spec, problem",
+    [
+        ("gauss(width=-1)", "width must be > 0"),
+        ("gauss(width=0)", "width must be > 0"),
+        ("gauss(width='abc')", "width must be a finite number"),
+        ("gauss(scale=0)", "scale must not be 0"),
+        ("band(lo=6, hi=0)", "lo must be below hi"),
+        ("shifted_sigmoid(slope=True)", "slope must be a finite number"),
+    ],
+)
+def test_parameters_that_make_no_shape_are_refused_when_the_shape_is_made(spec, problem):
+    """Issue 14, item 7: gauss(width=-1) used to give gradients of 1e29, width=0 a ZeroDivisionError in backward."""
+    with pytest.raises(ValueError, match=problem):
+        get(spec)
+    with pytest.raises(gaaf_patch.PatchError, match=problem):
+        gaaf_patch.patch(torch.nn.Sequential(torch.nn.ReLU()), shapes={"relu": spec})
+
+
+def test_the_cli_refuses_a_bad_shape_in_one_line(capsys):
+    from gaaf_patch.cli import main
+
+    assert main(["tv:resnet18", "--input-size", "3,32,32", "--shape", "relu=gauss(width=-1)"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["gaaf-patch: error: shape gauss(width=-1): width must be > 0"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .registry import register
+from .registry import add_check, register
 
 
 @register("gauss", width=4.0, center=0.0, scale=1.0, height=1.0)
@@ -50,6 +50,13 @@ def zero(x: Tensor) -> Tensor:
     """s(x) = 0: GAAF then has exactly the activation's own gradient (a control in experiments)."""
     return torch.zeros_like(x)
 
+
+# Parameter sets that make no shape (a negative or zero width, an empty band): an error when the shape is made.
+add_check("gauss", lambda p: "width must be > 0" if not p["width"] > 0 else None)
+add_check("gauss", lambda p: "scale must not be 0" if p["scale"] == 0 else None)
+add_check("band", lambda p: "lo must be below hi" if not p["lo"] < p["hi"] else None)
+add_check("band", lambda p: "slope must be > 0" if not p["slope"] > 0 else None)
+add_check("band", lambda p: "margin must be >= 0" if not p["margin"] >= 0 else None)
 
 # The paper's shapes and the Keras port's variants.
 register("tanh", family="gauss", width=4.0)

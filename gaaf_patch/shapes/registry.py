@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["ShapeFn", "register", "get", "available", "resolve"]
+__all__ = ["ShapeFn", "register", "get", "available", "resolve", "add_check"]
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,15 @@ class ShapeFn:
                 f"shape {self.name!r} takes no parameter {sorted(unknown)}; it takes {sorted(self.params)}"
             )
         merged = {**self.params, **_floats(params)}
-        return ShapeFn(self.family or self.name, self.fn, merged, self.family or self.name, self.doc)
+        family = self.family or self.name
+        for key, value in params.items():  # a number where the family has a number: finite, not a bool or a string
+            if isinstance(self.params[key], float) and not _finite_number(value):
+                raise ValueError(f"shape {family}: {key} must be a finite number, got {value!r}")
+        for check in _CHECKS.get(family, ()):
+            problem = check(merged)
+            if problem:
+                raise ValueError(f"shape {family}({', '.join(f'{k}={v!r}' for k, v in params.items())}): {problem}")
+        return ShapeFn(family, self.fn, merged, family, self.doc)
 
     @property
     def spec(self) -> str:
@@ -73,6 +82,19 @@ class ShapeFn:
 
 
 _REGISTRY: dict[str, ShapeFn] = {}
+# family -> checks of a parameter set, each returning what is wrong (a phrase) or None
+_CHECKS: dict[str, list[Callable[[Mapping[str, Any]], str | None]]] = {}
+
+
+def add_check(family: str, check: Callable[[Mapping[str, Any]], str | None]) -> None:
+    """Reject parameter sets of ``family`` that make no shape: ``check(params)`` returns what is wrong, or None."""
+    _CHECKS.setdefault(family, []).append(check)
+
+
+def _finite_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 _NEUTRAL = {"center": 0.0, "scale": 1.0, "height": 1.0}
 
 
