@@ -278,7 +278,10 @@ def _cmd_patch(args: argparse.Namespace) -> int:
     saved = None
     if args.out and check.ok:
         try:
-            torch.save({"state_dict": model.state_dict(), "gaaf_config": rep.config, "model": args.model}, args.out)
+            from .finetune.checkpoint import atomic_save  # through a temp file and a rename: a failed save keeps
+
+            # the previous file as it was
+            atomic_save({"state_dict": model.state_dict(), "gaaf_config": rep.config, "model": args.model}, args.out)
         except (OSError, RuntimeError) as e:
             raise UsageError(f"cannot write {args.out}: {_one_line(e)}") from e
         saved = args.out

@@ -347,3 +347,19 @@ def test_unreached_sites_are_reported_not_warned(capsys: pytest.CaptureFixture[s
     assert main([f"{path}:make", "--input-size", "4"]) == 0
     out = capsys.readouterr().out
     assert "not patched (unreached)" in out and "unreached 1" in out
+
+
+def test_out_is_written_atomically_a_failed_save_keeps_the_previous_file(tmp_path, monkeypatch, capsys):
+    """Issue 14, item 5: a save that dies half way (a full disk, a kill) must not destroy the file it replaces."""
+    out = tmp_path / "patched.pth"
+    out.write_bytes(b"the previous good file")
+
+    def dying_save(obj, f, *a, **k):
+        f.write(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    assert main(["tv:resnet18", "--input-size", "3,32,32", "--num-classes", "10", "--out", str(out)]) == 2
+    assert out.read_bytes() == b"the previous good file"
+    assert [p.name for p in tmp_path.iterdir()] == ["patched.pth"]  # no temporary file left behind
+    assert "No space left on device" in capsys.readouterr().err
