@@ -106,6 +106,8 @@ def _merge(into: list[dict[str, Any]], new: list[dict[str, Any]]) -> None:
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Restore the original activations and dropout in place; returns ``model``."""
+    if not isinstance(model, nn.Module):
+        raise PatchError(f"gaaf_patch.unpatch takes an nn.Module, not {type(model).__name__}")
     record = model.__dict__.pop(RECORD_ATTR, None)
     passes.undo(model, record)
     return model

@@ -8,6 +8,7 @@ from typing import Any
 
 from torch import nn
 
+from .config import PatchError
 from .modules import GAAF, StrippedDropout
 from .passes.context import RECORD_ATTR
 from .passes.functional import patched_methods
@@ -63,6 +64,8 @@ class Report:
 
 def report(model: nn.Module) -> Report:
     """The report of a patched model; empty for a model that was never patched."""
+    if not isinstance(model, nn.Module):
+        raise PatchError(f"gaaf_patch.report takes an nn.Module, not {type(model).__name__}")
     rep = Report()
     for module in model.modules():
         if isinstance(module, GAAF):

@@ -355,3 +355,10 @@ def test_timm_quick_gelu_is_patched_bit_identically():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(model(x), base(x))
+
+
+@pytest.mark.parametrize("verb", ["unpatch", "report", "patch"])
+def test_verbs_refuse_what_is_not_a_module(verb):
+    """Issue 14, item 13: ``unpatch(42)`` and ``report(42)`` raised AttributeError from inside."""
+    with pytest.raises(gaaf.PatchError, match=f"gaaf_patch.{verb} takes an nn.Module, not int"):
+        getattr(gaaf, verb)(42)
