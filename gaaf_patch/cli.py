@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import sys
 import time
 import warnings
@@ -105,9 +106,14 @@ def _bit_equal(a: Tensor, b: Tensor) -> bool:
 
 
 def _max_abs_diff(a: list[Tensor], b: list[Tensor]) -> float:
-    diffs = [
-        (x.double() - y.double()).abs().nan_to_num(0.0).max().item() for x, y in zip(a, b, strict=True) if x.numel()
-    ]
+    """The largest |a - b|; NaN where one side is NaN and the other is not (NaN on both sides counts as equal)."""
+    diffs = []
+    for x, y in zip(a, b, strict=True):
+        if not x.numel():
+            continue
+        if x.is_floating_point() and not torch.equal(x.isnan(), y.isnan()):
+            return math.nan
+        diffs.append((x.double() - y.double()).abs().nan_to_num(0.0).max().item())
     return max(diffs, default=0.0)
 
 

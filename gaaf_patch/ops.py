@@ -408,8 +408,8 @@ def apply(
 def check_mode(mode: str, K: float) -> None:
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
-    if not K > 0:
-        raise ValueError(f"K must be positive, got {K}")
+    if not (isinstance(K, (int, float)) and not isinstance(K, bool) and math.isfinite(K) and K > 0):
+        raise ValueError(f"K must be a finite positive number, got {K!r}")
 
 
 def gaaf(

@@ -7,6 +7,7 @@ whole file runs in seconds on a CPU; nothing is downloaded.
 from __future__ import annotations
 
 import json
+import math
 import textwrap
 from pathlib import Path
 
@@ -363,3 +364,14 @@ def test_out_is_written_atomically_a_failed_save_keeps_the_previous_file(tmp_pat
     assert out.read_bytes() == b"the previous good file"
     assert [p.name for p in tmp_path.iterdir()] == ["patched.pth"]  # no temporary file left behind
     assert "No space left on device" in capsys.readouterr().err
+
+
+def test_an_infinite_K_is_a_usage_error_and_nan_outputs_fail_the_check(capsys):
+    """Issue 14, item 4: --K inf made every output NaN while the check said "allclose ok"."""
+    assert main(["resnet10t", "--input-size", "3,32,32", "--mode", "sawtooth", "--K", "inf"]) == 2
+    assert capsys.readouterr().err.strip() == "gaaf-patch: error: K must be a finite positive number, got inf"
+    from gaaf_patch.cli import _max_abs_diff
+
+    ref, bad = torch.ones(3), torch.tensor([1.0, float("nan"), 1.0])
+    assert math.isnan(_max_abs_diff([ref], [bad]))  # NaN where the original is finite: no "ok" can follow
+    assert _max_abs_diff([bad], [bad.clone()]) == 0.0  # the same NaN on both sides (an overflowing init) is equal
