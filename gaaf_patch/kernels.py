@@ -7,7 +7,8 @@ Inductor's own CPU kernels use) and registers it as ``torch.ops.gaaf_patch.backw
 
 It is compiled with :func:`torch.utils.cpp_extension.load` the first time an eager CPU backward needs it (about
 30 s; ``gaaf-patch kernels`` does it ahead of time, and ``make`` runs that), and cached under
-``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) by torch version, CPU capability and source.
+``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) by torch version and installation, CPU
+capability and source.
 Without a C++ compiler, or when the build fails, one warning is given and the plain ops are used: the results are
 the same to float rounding (tests/test_kernels.py), only slower.
 
@@ -50,9 +51,12 @@ _enabled = os.environ.get("GAAF_KERNELS", "auto").lower() not in ("off", "0", "f
 
 
 def _name() -> str:
-    """One build per torch version, CPU capability and source text: versions and checkouts never rebuild each other's."""
+    """One build per torch version, CPU capability, source text, and torch installation (its headers and libraries,
+    so two virtualenvs with the same torch version do not rebuild each other's): versions, checkouts and
+    environments never rebuild each other's."""
     cap = torch.backends.cpu.get_cpu_capability()
-    digest = hashlib.sha1(_SOURCE.read_bytes()).hexdigest()[:10]
+    where = f"{Path(torch.__file__).resolve().parent}|{sys.version}".encode()
+    digest = hashlib.sha1(_SOURCE.read_bytes() + b"|" + where).hexdigest()[:10]
     tag = re.sub(r"[^0-9A-Za-z]+", "_", f"{torch.__version__}_{cap}_{digest}")
     return f"gaaf_patch_cpu_{tag}"
 

@@ -257,3 +257,12 @@ def test_plan_table_stays_bounded_for_shapes_made_on_the_fly(monkeypatch):
         torch.testing.assert_close(x.grad, want, rtol=1e-5, atol=1e-6)
         x.grad = None
     assert 0 < len(ops._PLANS) <= 8
+
+
+def test_the_cache_key_follows_the_torch_installation(monkeypatch, tmp_path):
+    """Issue 14, item 12: two virtualenvs with the same torch version rebuilt each other's kernel (one cache
+    folder, different include paths); the key now names the installation the binary is built against."""
+    here = kernels._name()
+    assert kernels._name() == here  # stable in one environment
+    monkeypatch.setattr(torch, "__file__", str(tmp_path / "other-venv" / "torch" / "__init__.py"))
+    assert kernels._name() != here
