@@ -46,8 +46,8 @@ def patch(
     activation but gates), ``"all"``, or names. ``shapes``: overrides keyed by activation name or module-name pattern
     (``{"relu": "relu_keras", "layer4.*": my_fn}``), or a preset: ``"auto"`` (default) or ``"paper"``. ``gain``:
     ``"auto"`` (default: the depth-safe blend of :mod:`gaaf_patch.gain`, which keeps a deep network's gradient scale)
-    or ``"paper"`` (``phi' + s``, whose gain compounds with depth); ``shapes="paper"`` is ``gain="paper"``. ``filter_fn(module, name)`` picks sites. Patching twice changes
-    nothing more; ``unpatch`` undoes it. Sites that could not be rewritten are in ``report(model).unreached`` and
+    or ``"paper"`` (``phi' + s``, whose gain compounds with depth); ``shapes="paper"`` is ``gain="paper"``.
+    ``filter_fn(module, name)`` picks sites. Patching twice changes nothing more; ``unpatch`` undoes it. Sites that could not be rewritten are in ``report(model).unreached`` and
     produce one warning.
     """
     _check_model(model)

@@ -284,9 +284,9 @@ def _cmd_patch(args: argparse.Namespace) -> int:
     saved = None
     if args.out and check.ok:
         try:
-            from .finetune.checkpoint import atomic_save  # through a temp file and a rename: a failed save keeps
+            from .finetune.checkpoint import atomic_save
 
-            # the previous file as it was
+            # through a temporary file and a rename: a failed save keeps the previous file as it was
             atomic_save({"state_dict": model.state_dict(), "gaaf_config": rep.config, "model": args.model}, args.out)
         except (OSError, RuntimeError) as e:
             raise UsageError(f"cannot write {args.out}: {_one_line(e)}") from e
@@ -314,10 +314,10 @@ def _cmd_patch(args: argparse.Namespace) -> int:
 
 
 def _gradient_scale(model: nn.Module, rep: Report, input_shape: Sequence[int]) -> tuple[GradientScale | None, str]:
-    """The train-mode gradient-norm ratio patched / plain on a random batch of at least ``SCALE_BATCH`` (a train-mode
-    BatchNorm over 2 samples at 1x1 spatial size passes almost no gradient, and the ratio of two near-zero norms
-    says nothing: tv:resnet18 at 32x32 gives x1.05-x14 on batches of 2, x1.24-x1.30 on batches of 8), or why it was
-    not measured."""
+    """The train-mode gradient-norm ratio patched / plain on a random batch of at least ``SCALE_BATCH``, or why it
+    was not measured. (A train-mode BatchNorm over 2 samples at 1x1 spatial size passes almost no gradient, and the
+    ratio of two near-zero norms swings from seed to seed: tv:resnet18 at 32x32 on batches of 2 did, on batches of 8
+    it did not.)"""
     if not rep.replaced:
         return None, "no activation replaced"
     shape = (max(SCALE_BATCH, input_shape[0]), *input_shape[1:])

@@ -14,7 +14,8 @@ what it costs:
    most ``1 + delta`` times the plain one: ``E[(phi' + c st)^2] = (1 + delta) E[phi'^2]``, ``st = s~ (a - phi')``,
    solved for ``c`` (clipped to ``[0, 1]``). ``delta = BUDGET^(1/n) - 1`` for a model with ``n`` site calls, so a
    chain through every site would gain at most ``BUDGET`` in energy (``sqrt(2)`` in norm) if the sites' extra gains
-   were independent: a design rule, not a bound (docs/depth.md measures 0.93-1.43 on 127 models); shallow nets get
+   were independent: a design rule, not a bound (docs/depth.md measures x0.97-x1.43 in whole-network gradient norm
+   on 127 models); shallow nets get
    a large ``delta`` (up to 1), deep ones a small one. The expectations are taken on a fixed strided sample of at most
    ``SAMPLES`` elements of what backward saved (memory order), so ``c`` costs a few small ops, not a pass.
 
@@ -29,7 +30,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["BUDGET", "SAMPLES", "MAX_DELTA", "delta_for", "sample", "coefficient"]
+__all__ = ["BUDGET", "SAMPLES", "MAX_DELTA", "delta_for", "sample", "coefficient", "check_delta"]
 
 BUDGET = 2.0  # gradient energy a chain through every site of a model may gain (norm: sqrt(2))
 MAX_DELTA = 1.0  # a single site may at most double its gradient energy

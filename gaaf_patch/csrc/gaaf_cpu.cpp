@@ -222,7 +222,8 @@ at::Tensor backward(const at::Tensor& gy, const at::Tensor& t, const std::option
   }
   if (tc.scalar_type() == at::kFloat) {
     dispatch<float>(g.const_data_ptr<float>(), tc.const_data_ptr<float>(), base ? bc.const_data_ptr<float>() : nullptr,
-                    out.mutable_data_ptr<float>(), n, act, shape, Args<float>{float(a), float(b), float(c), float(h), float(u), float(v)});
+                    out.mutable_data_ptr<float>(), n, act, shape,
+                    Args<float>{float(a), float(b), float(c), float(h), float(u), float(v)});
   } else if (tc.scalar_type() == at::kDouble) {
     dispatch<double>(g.const_data_ptr<double>(), tc.const_data_ptr<double>(),
                      base ? bc.const_data_ptr<double>() : nullptr, out.mutable_data_ptr<double>(), n, act, shape,

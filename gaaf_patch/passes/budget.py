@@ -2,8 +2,9 @@
 
 ``delta = BUDGET^(1/n) - 1`` with ``n`` the calls of GAAF sites in one forward (a module called several times, like
 torchvision's shared ``self.relu``, counts once per call its parent's traced code makes; one where no trace saw it),
-so a chain through every site gains at most ``BUDGET`` in gradient energy. Run after the passes that add sites, and
-again by every later ``patch`` of the same model.
+so that a chain through every site would gain at most ``BUDGET`` in gradient energy if the sites' extra gains were
+independent (a design rule; docs/depth.md measures it). Run after the passes that add sites, and again by every
+later ``patch`` of the same model.
 """
 
 from __future__ import annotations
