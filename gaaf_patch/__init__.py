@@ -10,6 +10,7 @@ from .api import PatchError, patch, unpatch
 from .backend import compile
 from .calibrate import calibrate
 from .config import PatchConfig
+from .errors import GaafError
 from .gradscale import GradientScale, measure_gradient_scale
 from .modules import GAAF, StrippedDropout
 from .ops import gaaf
@@ -28,6 +29,7 @@ __all__ = [
     "StrippedDropout",
     "PatchConfig",
     "PatchError",
+    "GaafError",
     "Report",
     "shapes",
     "ACTIVATIONS",

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from .api import PatchError, patch
 from .config import GAINS
+from .errors import GaafError
 from .gradscale import GradientScale, measure_gradient_scale
 from .models import CheckpointError, ModelSpecError, build_model, default_input_size, load_checkpoint
 from .models import output_tensors as _tensors
@@ -46,11 +47,11 @@ SAWTOOTH_RTOL = 1e-3
 NO_GRADIENT = "the unpatched output does not depend on the input (a zero-initialised head?)"
 
 
-class UsageError(Exception):
+class UsageError(GaafError):
     """A mistake in the command line or its inputs: reported as one line, exit code 2."""
 
 
-class VerificationFailed(Exception):
+class VerificationFailed(GaafError):
     """The patched model does not behave as a patch must: exit code 1."""
 
 

@@ -10,6 +10,7 @@ from typing import Any
 from torch import Tensor
 
 from . import activations as _acts
+from .errors import GaafError
 from .ops import DEFAULT_K, check_mode
 from .shapes import ShapeFn, get, resolve
 
@@ -20,7 +21,7 @@ __all__ = ["PatchConfig", "PatchError", "build", "GAINS"]
 GAINS = ("auto", "paper")  # gaaf_patch.gain: the depth-safe blend; the paper's phi' + s
 
 
-class PatchError(ValueError):
+class PatchError(GaafError, ValueError):
     """A model or an option gaaf-patch cannot work with; the message says what to do."""
 
 

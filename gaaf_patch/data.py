@@ -20,6 +20,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
+from .errors import GaafError
+
 __all__ = [
     "DataError",
     "Split",
@@ -38,7 +40,7 @@ DEFAULT_DIR = Path.home() / ".cache" / "gaaf-patch" / "data"
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
-class DataError(ValueError):
+class DataError(GaafError, ValueError):
     """A data set could not be found or read; the message says where it looked and what to do."""
 
 

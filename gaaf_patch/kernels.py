@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import GaafError
+
 __all__ = ["available", "enabled", "set_enabled", "build", "KernelBuildError"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "gaaf_cpu.cpp"
@@ -41,7 +43,7 @@ _ISA = {
 }
 
 
-class KernelBuildError(RuntimeError):
+class KernelBuildError(GaafError, RuntimeError):
     """The C++ kernel could not be built or loaded (raised by :func:`available` only with ``GAAF_KERNELS=on``)."""
 
 

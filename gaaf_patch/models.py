@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import GaafError
+
 __all__ = [
     "ModelSpecError",
     "CheckpointError",
@@ -46,11 +48,11 @@ STATE_DICT_KEYS = ("state_dict", "model", "state_dict_ema", "model_ema")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
-class ModelSpecError(ValueError):
+class ModelSpecError(GaafError, ValueError):
     """A model spelling that names no model (the message suggests the closest names)."""
 
 
-class CheckpointError(ValueError):
+class CheckpointError(GaafError, ValueError):
     """A checkpoint that cannot be read, or whose keys or shapes do not fit the model."""
 
 

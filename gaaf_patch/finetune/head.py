@@ -13,6 +13,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from ..errors import GaafError
+
 __all__ = ["HeadError", "HEAD_ATTRS", "find_classifier", "num_outputs", "replace_classifier", "checkpoint_classes"]
 
 # torchvision: resnet/regnet/inception ``fc``; vgg/alexnet/mobilenet/efficientnet/convnext/densenet ``classifier``;
@@ -21,7 +23,7 @@ __all__ = ["HeadError", "HEAD_ATTRS", "find_classifier", "num_outputs", "replace
 HEAD_ATTRS = ("fc", "classifier", "head", "heads", "last_linear")
 
 
-class HeadError(ValueError):
+class HeadError(GaafError, ValueError):
     """A model whose classifier cannot be found or replaced."""
 
 

@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from .. import data as _data
+from ..errors import GaafError
 from ..api import patch as _patch
 from ..models import CheckpointError, build_model, load_state_dict_strict, read_checkpoint
 from ..report import report
@@ -49,7 +50,7 @@ SCHEDULES = ("cosine", "constant")
 DIGITS_HOLDOUT = 0.2
 
 
-class FinetuneError(ValueError):
+class FinetuneError(GaafError, ValueError):
     """An option or input the fine-tuning cannot work with; the message says what to do."""
 
 
