@@ -1,0 +1,282 @@
+"""``gaaf_patch.audit``: what actually runs, measured, never believed.
+
+One train-mode forward and backward of (a copy of) the model under a ``TorchDispatchMode`` lists every ATen op that
+matters to a patch and ran outside GAAF:
+
+- native activation ops, forward (``aten.gelu``, ``aten.tanh_``, ...) and backward (``aten.gelu_backward``,
+  ``aten.threshold_backward`` for ReLU, ...): an activation GAAF did not reach;
+- random ops (every op PyTorch tags ``nondeterministic_seeded``: ``bernoulli``, ``native_dropout``, ``rand_like``,
+  ``rrelu_with_noise``, attention kernels with ``dropout_p > 0``, ...), except the ones the arguments make
+  deterministic (``p=0``, ``train=False``): a dropout ``strip_dropout`` did not reach, or noise the model adds.
+
+Each op is attributed to the innermost module running it: in forward by a module stack kept by global forward
+hooks, in backward by the module that created the autograd node (each module's nodes are tagged when its forward
+returns). GAAF's own ops (its forward runs the original activation on purpose; its backward evaluates the shape)
+are not findings.
+
+Then each finding is checked against :func:`gaaf_patch.report`: it is *explained* when the report lists its site
+as unreached (with the reason), as a gate left alone, or as a dropout kept on purpose (DropPath without
+``strip_droppath``). The rest are *silent misses*: the contract of ``gaaf.patch`` is that there are none, and
+``audit(model, x).ok`` checks it per model.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from .errors import GaafError, one_line
+from .models import output_tensors
+from .modules import GAAF
+
+__all__ = ["Audit", "Finding", "audit", "ACTIVATION_FORWARD", "ACTIVATION_BACKWARD"]
+
+# aten overload packet (in-place underscore dropped) -> activation family, for the forward ops and their backward.
+# relu6, selu and celu reach the dispatcher as hardtanh and elu (they are composite ops).
+ACTIVATION_FORWARD: dict[str, str] = {
+    "relu": "relu", "relu6": "relu6", "hardtanh": "hardtanh", "leaky_relu": "leaky_relu", "elu": "elu",
+    "selu": "selu", "celu": "celu", "gelu": "gelu", "silu": "silu", "mish": "mish", "softplus": "softplus",
+    "tanh": "tanh", "sigmoid": "sigmoid", "hardsigmoid": "hardsigmoid", "hardswish": "hardswish",
+    "prelu": "prelu", "_prelu_kernel": "prelu", "rrelu_with_noise": "rrelu", "glu": "glu",
+}  # fmt: skip
+ACTIVATION_BACKWARD: dict[str, str] = {
+    "threshold_backward": "relu", "hardtanh_backward": "hardtanh", "leaky_relu_backward": "leaky_relu",
+    "elu_backward": "elu", "gelu_backward": "gelu", "silu_backward": "silu", "mish_backward": "mish",
+    "softplus_backward": "softplus", "tanh_backward": "tanh", "sigmoid_backward": "sigmoid",
+    "hardsigmoid_backward": "hardsigmoid", "hardswish_backward": "hardswish", "_prelu_kernel_backward": "prelu",
+    "rrelu_with_noise_backward": "rrelu", "glu_backward": "glu",
+}  # fmt: skip
+_NODE_KEY = "gaaf_audit_module"
+_GAAF_BACKWARD = "GAAFFunctionBackward"
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One kind of op that ran outside GAAF in one module: ``kind`` is ``activation`` or ``random``."""
+
+    module: str  # qualified module name, "" for the root
+    kind: str
+    op: str  # "aten.gelu", "aten.bernoulli_", ...
+    phase: str  # "forward" or "backward"
+    count: int
+    explained: str | None = None  # why the report accounts for it; None: a silent miss
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "module": self.module,
+            "kind": self.kind,
+            "op": self.op,
+            "phase": self.phase,
+            "count": self.count,
+            "explained": self.explained,
+        }
+
+    def line(self) -> str:
+        where = self.module or "<root>"
+        why = f" ({self.explained})" if self.explained else " (silent: not in the report)"
+        return f"{where}: {self.op} x{self.count} in {self.phase}{why}"
+
+
+@dataclass
+class Audit:
+    """What ran outside GAAF in one train-mode step, and which of it the report accounts for."""
+
+    findings: list[Finding] = field(default_factory=list)
+    gaaf_calls: int = 0  # GAAF module calls seen in the forward (a patch that reached something runs them)
+
+    @property
+    def silent(self) -> list[Finding]:
+        """Findings the report does not account for: each one is a bug in the patch or its report."""
+        return [f for f in self.findings if f.explained is None]
+
+    @property
+    def ok(self) -> bool:
+        return not self.silent
+
+    def activations(self) -> list[Finding]:
+        return [f for f in self.findings if f.kind == "activation"]
+
+    def randoms(self) -> list[Finding]:
+        return [f for f in self.findings if f.kind == "random"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "gaaf_calls": self.gaaf_calls,
+            "findings": [f.to_dict() for f in self.findings],
+            "silent": len(self.silent),
+        }
+
+    def __str__(self) -> str:
+        head = f"audit: {len(self.findings)} finding(s), {len(self.silent)} silent, {self.gaaf_calls} GAAF call(s)"
+        return "\n".join([head, *("  " + f.line() for f in self.findings)])
+
+
+def _deterministic(func: Any, args: tuple, kwargs: dict) -> bool:
+    """A seeded op whose arguments make it draw nothing: dropout with p=0 or train=False, attention without
+    dropout, rrelu in eval."""
+    values = dict(zip((a.name for a in func._schema.arguments), args, strict=False))
+    values.update(kwargs)
+    if "dropout_p" in values:
+        return not values["dropout_p"]
+    if "train" in values and not values["train"]:
+        return True
+    if "training" in values and not values["training"]:
+        return True
+    if func.overloadpacket.__name__.startswith("native_dropout") and not values.get("p", 1):
+        return True
+    return False
+
+
+def _classify(func: Any, args: tuple, kwargs: dict) -> tuple[str, str, str] | None:
+    """(kind, family, phase) of an op that matters to the audit, else None."""
+    name = func.overloadpacket.__name__
+    base = name[:-1] if name.endswith("_") and not name.startswith("_") else name
+    if base in ACTIVATION_BACKWARD:
+        return "activation", ACTIVATION_BACKWARD[base], "backward"
+    if torch.Tag.nondeterministic_seeded in func.tags:
+        if _deterministic(func, args, kwargs):
+            return None
+        return "random", name, "forward"
+    if base in ACTIVATION_FORWARD:
+        return "activation", ACTIVATION_FORWARD[base], "forward"
+    return None
+
+
+class _Recorder(TorchDispatchMode):
+    """Counts the ops :func:`_classify` keeps, by innermost module, outside GAAF's forward and backward."""
+
+    def __init__(self, names: dict[int, str]) -> None:
+        super().__init__()
+        self.names = names
+        self.stack: list[nn.Module] = []
+        self.inputs: list[set[Any]] = []
+        self.in_gaaf = 0
+        self.gaaf_calls = 0
+        self.counts: Counter = Counter()
+        self._hooks: list[Any] = []
+
+    # forward: a module stack, and a tag on every autograd node a module creates (innermost module first)
+    def _pre(self, module: nn.Module, args: Any) -> None:
+        self.stack.append(module)
+        self.inputs.append({t.grad_fn for t in _tensors(args) if t.grad_fn is not None})
+        if isinstance(module, GAAF):
+            self.in_gaaf += 1
+            self.gaaf_calls += 1
+
+    def _post(self, module: nn.Module, args: Any, out: Any) -> None:
+        if not self.stack or self.stack[-1] is not module:
+            return
+        self.stack.pop()
+        boundary = self.inputs.pop()
+        if isinstance(module, GAAF):
+            self.in_gaaf -= 1
+        name = self.names.get(id(module))
+        if name is None:
+            return
+        todo = [t.grad_fn for t in _tensors(out) if t.grad_fn is not None]
+        while todo:
+            node = todo.pop()
+            if node is None or node in boundary or _NODE_KEY in node.metadata:
+                continue
+            node.metadata[_NODE_KEY] = (name, isinstance(module, GAAF))
+            todo.extend(n for n, _ in node.next_functions)
+
+    def __enter__(self):
+        from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+        self._hooks = [
+            register_module_forward_pre_hook(self._pre),
+            register_module_forward_hook(self._post, always_call=True),
+        ]
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        hit = _classify(func, args, kwargs)
+        if hit is not None:
+            kind, family, phase = hit
+            node = torch._C._current_autograd_node()
+            if node is not None:  # backward: the module that created the node
+                if node.name() != _GAAF_BACKWARD:
+                    where, in_gaaf = node.metadata.get(_NODE_KEY, ("", False))
+                    if not in_gaaf:
+                        self.counts[(where, kind, f"aten.{func.overloadpacket.__name__}", "backward")] += 1
+            elif not self.in_gaaf:
+                where = next((self.names[id(m)] for m in reversed(self.stack) if id(m) in self.names), "")
+                self.counts[(where, kind, f"aten.{func.overloadpacket.__name__}", phase)] += 1
+        return func(*args, **kwargs)
+
+
+def _tensors(obj: Any) -> list[Tensor]:
+    from torch.utils._pytree import tree_leaves
+
+    return [t for t in tree_leaves(obj) if isinstance(t, Tensor)]
+
+
+def _explain(module: str, kind: str, rep: Any, modules: set[str]) -> str | None:
+    """Why the report accounts for a finding in ``module``, or None. A report entry names a module (the site is
+    that module, and everything inside it) or a site in a module's own code (``<module>.<node>``, or ``<node>`` in
+    the root's code), which covers findings in that module's code only."""
+
+    def covers(entry: dict[str, Any]) -> bool:
+        name = str(entry.get("name", "")).split(":", 1)[0]
+        if name in modules:
+            return module == name or module.startswith(name + ".") or name == ""
+        owner = name.rsplit(".", 1)[0] if "." in name else ""
+        return module == owner
+
+    for entry in rep.unreached:
+        if covers(entry):
+            return f"unreached: {entry.get('reason', '')}"
+    if kind == "activation":
+        for entry in rep.skipped:
+            if covers(entry):
+                return entry.get("reason", "skipped")
+    for entry in getattr(rep, "kept", []):
+        if covers(entry):
+            return entry.get("reason", "kept")
+    return None
+
+
+def audit(model: nn.Module, *inputs: Any, **kwargs: Any) -> Audit:
+    """Run one train-mode forward and backward of a copy of ``model`` on ``inputs`` (loss: the sum of its floating
+    outputs) and list every native activation and random op that ran outside GAAF, each checked against
+    ``gaaf_patch.report(model)``. The model itself is not touched (no BatchNorm statistics, no gradients)."""
+    from .report import report
+
+    if not isinstance(model, nn.Module):
+        raise GaafError(f"gaaf_patch.audit takes an nn.Module, not {type(model).__name__}")
+    rep = report(model)
+    try:
+        twin = copy.deepcopy(model)
+    except Exception as e:  # noqa: BLE001 - any failure to copy is the user's model's
+        raise GaafError(f"cannot audit: the model cannot be copied ({one_line(e)})") from e
+    twin.train()
+    names = {id(m): n for n, m in twin.named_modules(remove_duplicate=False)}
+    modules = set(names.values())
+    xs = tuple(x.detach().clone().requires_grad_(x.is_floating_point()) if isinstance(x, Tensor) else x for x in inputs)
+    recorder = _Recorder(names)
+    with torch.random.fork_rng(devices=[]), recorder:
+        torch.manual_seed(0)
+        out = twin(*xs, **kwargs)
+        outs = [t for t in output_tensors(out) if t.is_floating_point() and t.requires_grad]
+        if outs:
+            sum(t.float().sum() for t in outs).backward()
+    findings = [
+        Finding(where, kind, op, phase, n, _explain(where, kind, rep, modules))
+        for (where, kind, op, phase), n in sorted(recorder.counts.items())
+    ]
+    return Audit(findings, recorder.gaaf_calls)

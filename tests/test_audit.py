@@ -1,0 +1,130 @@
+"""gaaf_patch.audit: the ops that ran outside GAAF, counted from hand-written models whose op counts are known."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gaaf_patch as gaaf
+from gaaf_patch.audit import audit
+
+
+class TwoActs(nn.Module):
+    """A GELU module and a functional tanh in the root's own code: 2 activations, each once per forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.act = nn.GELU()
+
+    def forward(self, x):
+        return torch.tanh(self.act(self.fc(x)))
+
+
+def _helper(q, p):
+    return F.scaled_dot_product_attention(q, q, q, dropout_p=p)
+
+
+class FloatAttention(nn.Module):
+    """Hugging Face's pattern: attention dropout given as a float to a module-level helper, under ``**kwargs``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = nn.Linear(8, 8)
+        self.attention_dropout = 0.5
+
+    def forward(self, x, **kwargs):
+        return _helper(self.q(x), self.attention_dropout if self.training else 0.0)
+
+
+def test_unpatched_model_lists_each_activation_forward_and_backward():
+    a = audit(TwoActs(), torch.randn(3, 6))
+    got = {(f.module, f.op, f.phase): f.count for f in a.findings}
+    assert got == {
+        ("act", "aten.gelu", "forward"): 1,
+        ("act", "aten.gelu_backward", "backward"): 1,
+        ("", "aten.tanh", "forward"): 1,
+        ("", "aten.tanh_backward", "backward"): 1,
+    }
+    assert not a.ok and len(a.silent) == 4  # nothing was patched, nothing is explained
+
+
+def test_patched_model_is_clean_and_runs_gaaf():
+    m = gaaf.patch(TwoActs())
+    a = audit(m, torch.randn(3, 6))
+    assert a.findings == [] and a.ok
+    assert a.gaaf_calls == 2
+
+
+def test_relu_backward_is_threshold_backward_attributed_to_its_module():
+    m = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU())
+    a = audit(m, torch.randn(2, 4))
+    got = sorted((f.module, f.op, f.count) for f in a.findings)
+    assert got == [
+        ("1", "aten.relu", 1),
+        ("1", "aten.threshold_backward", 1),
+        ("3", "aten.relu", 1),
+        ("3", "aten.threshold_backward", 1),
+    ]
+
+
+def test_shared_module_called_twice_counts_twice():
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.relu = nn.ReLU()
+
+        def forward(self, x):
+            return self.relu(self.fc(self.relu(x)))
+
+    a = audit(Shared(), torch.randn(2, 4))
+    assert {(f.op, f.count) for f in a.findings} == {("aten.relu", 2), ("aten.threshold_backward", 2)}
+
+
+def test_dropout_module_is_random_and_stripping_it_removes_it():
+    m = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.3))
+    a = audit(m, torch.randn(2, 4))
+    assert [(f.module, f.kind) for f in a.findings] == [("1", "random")]
+    a = audit(gaaf.patch(m, strip_dropout=True), torch.randn(2, 4))
+    assert a.findings == []
+
+
+def test_dropout_with_p_zero_or_eval_is_not_random():
+    m = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.0))
+    assert audit(m, torch.randn(2, 4)).findings == []
+
+
+def test_float_attention_dropout_is_found():
+    a = audit(FloatAttention(), torch.randn(2, 3, 8))
+    assert [(f.module, f.kind, f.phase) for f in a.findings] == [("", "random", "forward")]
+
+
+def test_audit_leaves_the_model_untouched():
+    m = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.ReLU())
+    m.eval()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    audit(m, torch.randn(8, 4))
+    assert not m.training
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    assert all(p.grad is None for p in m.parameters())
+
+
+def test_gate_reported_as_skipped_is_explained():
+    class SE(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return x * torch.sigmoid(self.fc(x))
+
+    m = gaaf.patch(SE())
+    a = audit(m, torch.randn(2, 4))
+    assert a.findings, "the gate's sigmoid runs natively"
+    assert a.ok, str(a)
+
+
+def test_audit_rejects_a_non_module():
+    with pytest.raises(gaaf.GaafError, match="nn.Module"):
+        audit(42, torch.randn(2))
