@@ -180,12 +180,16 @@ class _Recorder(TorchDispatchMode):
         name = self.names.get(id(module))
         if name is None:
             return
+        # Walk back from the outputs to the inputs; nodes a child already tagged are walked through (the module's
+        # own nodes may lie before them) but keep the child's tag. Cost: the graph times the module depth.
         todo = [t.grad_fn for t in _tensors(out) if t.grad_fn is not None]
+        seen: set[Any] = set()
         while todo:
             node = todo.pop()
-            if node is None or node in boundary or _NODE_KEY in node.metadata:
+            if node is None or node in boundary or node in seen:
                 continue
-            node.metadata[_NODE_KEY] = (name, isinstance(module, GAAF))
+            seen.add(node)
+            node.metadata.setdefault(_NODE_KEY, (name, isinstance(module, GAAF)))
             todo.extend(n for n, _ in node.next_functions)
 
     def __enter__(self):
