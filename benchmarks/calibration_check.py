@@ -35,22 +35,18 @@ import torch.nn.functional as F
 from torch import nn
 
 import gaaf_patch as gaaf
+from benchmarks.timing import interleaved, summarize
+from benchmarks.workloads import Runner
 from gaaf_patch import data
 from gaaf_patch.analysis import net_variance
+from gaaf_patch.repro.models import mlp as paper_mlp
 
 VARIANTS = ("base", "dropout", "gaaf_paper", "calibrated", "calibrated_zero", "recalibrated_zero")
 
 
 def mlp(act: str, dropout: float) -> nn.Sequential:
-    sizes = (784, 512, 256, 256, 10)
-    layers: list[nn.Module] = [nn.Flatten()]
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-        layers.append(nn.Linear(a, b))
-        if i < len(sizes) - 2:
-            layers.append(nn.Tanh() if act == "tanh" else nn.ReLU())
-            if dropout:
-                layers.append(nn.Dropout(dropout))
-    return nn.Sequential(*layers)
+    """The paper's MLP (:func:`gaaf_patch.repro.models.mlp`) behind a ``Flatten``, for MNIST's 1x28x28 images."""
+    return nn.Sequential(nn.Flatten(), *paper_mlp(nn.Tanh if act == "tanh" else nn.ReLU, dropout))
 
 
 def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
@@ -78,22 +74,11 @@ def step_cost(act: str, repeats: int = 21, steps: int = 20) -> None:
         "gaaf_paper": gaaf.patch(copy.deepcopy(dropout_model), strip_dropout=True),
         "calibrated": gaaf.patch(copy.deepcopy(dropout_model), strip_dropout=True, shapes=matched),
     }
-    opts = {k: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for k, m in models.items()}
-    times: dict[str, list[float]] = {k: [] for k in models}
-    for r in range(repeats):
-        order = list(models)[r % 3 :] + list(models)[: r % 3]
-        for k in order:
-            m, opt = models[k], opts[k]
-            start = time.perf_counter()
-            for _ in range(steps):
-                opt.zero_grad(set_to_none=True)
-                F.cross_entropy(m(x), y).backward()
-                opt.step()
-            times[k].append((time.perf_counter() - start) / steps)
-    ratio = {k: sorted(a / b for a, b in zip(times[k], times["base"], strict=True))[repeats // 2] for k in models}
+    runners = {k: Runner(m, x, y, lr=0.01) for k, m in models.items()}
+    res = summarize(interleaved(runners, "step", repeats, steps))
     print(f"step time, MLP ({act}), batch 128, torch threads {torch.get_num_threads()}, median of {repeats}:")
     for k in models:
-        print(f"  {k}: {sorted(times[k])[repeats // 2] * 1e3:.2f} ms ({ratio[k]:.3f}x base)")
+        print(f"  {k}: {res[k]['ms']:.2f} ms ({res[k]['ratio']:.3f}x base)")
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, object]] | None:
@@ -169,8 +154,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, object]] | None:
     gradinfo = {k: v / steps for k, v in gradinfo.items()}
 
     print(
-        f"\nMNIST MLP 784-512-256-256-10 ({args.act}), dropout p={args.p}, {args.epochs} epochs x {steps // args.epochs}"
-        f" steps, SGD lr {args.lr} momentum 0.9, batch {args.batch_size}, seed {args.seed}\n"
+        f"\nMNIST MLP 784-512-256-256-10 ({args.act}), dropout p={args.p}, {args.epochs} epochs x "
+        f"{steps // args.epochs} steps, SGD lr {args.lr} momentum 0.9, batch {args.batch_size}, seed {args.seed}\n"
     )
     print("| variant | test acc. per epoch | grad. info W1 | W2 | W3 | W4 | mean rel. distance to dropout |")
     print("|---|---|---|---|---|---|---|")

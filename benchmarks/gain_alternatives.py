@@ -22,19 +22,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
-import math
-import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 import gaaf_patch
+from benchmarks.depth_measure import grad_norms
+from benchmarks.machine import git_commit
 from gaaf_patch import gain, ops
 from gaaf_patch.models import build_model
+from gaaf_patch.repro.study import save
 
 MODELS = (
     "resnet18",
@@ -83,14 +81,9 @@ def _backward_as(kind: str):
 
 
 def _norms(model: torch.nn.Module, x: torch.Tensor) -> tuple[float, float]:
-    model.train()
-    x = x.clone().requires_grad_()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        out = model(x)
-    out.float().square().mean().backward()
-    p = math.sqrt(sum(q.grad.double().square().sum().item() for q in model.parameters() if q.grad is not None))
-    return x.grad.norm().item(), p
+    """Input and parameter gradient norms of one seeded train-mode step (the depth benchmark's ``grad_norms``)."""
+    n = grad_norms(model, x, seed=0, stages=())
+    return n["input"], n["params"]
 
 
 def measure(name: str, size: int, batch: int) -> dict[str, dict[str, float]]:
@@ -114,10 +107,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--json", metavar="PATH", help="write the results here (atomically)")
     args = p.parse_args(argv)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     results = {
         "command": ["python", "-m", "benchmarks.gain_alternatives", *(argv if argv is not None else sys.argv[1:])],
-        "commit": commit,
+        "commit": git_commit(),
         "torch": torch.__version__,
         "size": args.size,
         "batch": args.batch,
@@ -130,11 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
         cells = [f"x{r[k]['input']:.3g} / x{r[k]['params']:.3g}" for k in ALTERNATIVES]
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
     if args.json:
-        path = Path(args.json)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(results, f, indent=1)
-        os.replace(tmp, path)
+        save(results, Path(args.json))
     return results
 
 

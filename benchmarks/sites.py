@@ -12,23 +12,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
 
 import gaaf_patch as gaaf
+from benchmarks.timing import per_call
 from gaaf_patch import activations as _acts
 from gaaf_patch import kernels
 
 SIZES = {"128x512": (128, 512), "16x64x32x32": (16, 64, 32, 32)}
-
-
-def _timer(fn: Callable[[], None], inner: int) -> float:
-    t0 = time.perf_counter()
-    for _ in range(inner):
-        fn()
-    return (time.perf_counter() - t0) / inner * 1e6
 
 
 def _fwd_bwd(
@@ -63,7 +56,7 @@ def measure(activation: str, shape: tuple[int, ...], repeats: int, compile_: boo
     times: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(repeats):
         for k, fn in variants.items():
-            times[k].append(_timer(fn, inner))
+            times[k].append(per_call(fn, inner) * 1e6)
     return {k: statistics.median(v) for k, v in times.items()}
 
 

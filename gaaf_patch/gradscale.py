@@ -72,7 +72,7 @@ def _norms(model: nn.Module, inputs: tuple[Any, ...], seed: int) -> tuple[float,
     return math.sqrt(sq[0]), math.sqrt(sq[1])
 
 
-def _ratio(a: float, b: float) -> float:
+def ratio(a: float, b: float) -> float:
     if b > 0:
         return a / b
     return 1.0 if a == 0 else math.nan
@@ -91,6 +91,6 @@ def measure_gradient_scale(model: nn.Module, *inputs: Any, seed: int = 0) -> Gra
     plain = unpatch(copy.deepcopy(model))
     pi, pp = _norms(patched, inputs, seed)
     qi, qp = _norms(plain, inputs, seed)
-    scale = GradientScale(input=_ratio(pi, qi), params=_ratio(pp, qp))
+    scale = GradientScale(input=ratio(pi, qi), params=ratio(pp, qp))
     model.__dict__[RECORD_ATTR].gradient_scale = scale.to_dict()
     return scale

@@ -15,6 +15,8 @@ import torch
 
 import gaaf_patch
 from benchmarks import depth
+from benchmarks.depth_measure import measure
+from benchmarks.depth_models import build_at, entry_for, reinit_zero_head
 from gaaf_patch.gradscale import SAFE
 
 
@@ -113,7 +115,7 @@ def test_trained_entry(quick: tuple[dict, Path]) -> None:
 def test_whole_network_ratios_match_measure_gradient_scale(quick: tuple[dict, Path]) -> None:
     results, _ = quick
     row = next(r for r in results["init"] if r["model"] == "test_vit")
-    model, x, _ = depth.build_at(depth.entry_for("test_vit"), (64,), depth.BATCH)
+    model, x, _ = build_at(entry_for("test_vit"), (64,), depth.BATCH)
     for g in depth.GAINS:
         patched = gaaf_patch.patch(copy.deepcopy(model), gain=g)
         scale = gaaf_patch.measure_gradient_scale(patched, x, seed=depth.SEED)
@@ -138,11 +140,11 @@ def test_zero_head_is_reported_then_redrawn() -> None:
     torch.nn.init.zeros_(model[2].weight)
     torch.nn.init.zeros_(model[2].bias)
     x = torch.randn(4, 8)
-    m = depth.measure(model, x)
+    m = measure(model, x)
     assert m["zero_gradient"] is True and m["in_target"] is None
     assert m["whole"]["auto"] == {"input": None, "params": None}
     assert m["stages"] == [] and m["stage_source"].startswith("none")
-    assert depth.reinit_zero_head(model) == ["2"] and bool(model[2].weight.any())
-    m = depth.measure(model, x)
+    assert reinit_zero_head(model) == ["2"] and bool(model[2].weight.any())
+    m = measure(model, x)
     assert not m["zero_gradient"] and m["in_target"] is True
     assert m["forward_identical"] == {"paper": True, "auto": True}

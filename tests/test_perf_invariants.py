@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import gaaf_patch
+from benchmarks.memory import saved_storages
 from gaaf_patch import gaaf, kernels, ops
 from gaaf_patch.activations import ACTIVATIONS
 from gaaf_patch.shapes import get as get_shape
@@ -72,19 +73,9 @@ def _site_ops(name: str, shape=None, mode: str = "exact", **params):
 
 
 def _saved_storages(model: nn.Module, x: torch.Tensor) -> dict[int, int]:
-    """data_ptr -> bytes of every distinct non-parameter storage autograd keeps for backward."""
-    params = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in params:
-            seen[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x).sum()
-    return seen
+    """data_ptr -> bytes of every distinct non-parameter storage autograd keeps for backward (the benchmark's probe,
+    :func:`benchmarks.memory.saved_storages`, on ``model(x).sum()``)."""
+    return saved_storages(model, lambda: model(x).sum())
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -299,7 +290,7 @@ def test_compiles_with_aot_autograd():
 
 
 def test_benchmark_naive_module_is_eq_7_8():
-    from benchmarks.run import NaiveGAAF, naive
+    from benchmarks.workloads import NaiveGAAF, naive
 
     m = naive(mlp(nn.Tanh, sizes=(8, 8, 4)))
     assert sum(isinstance(c, NaiveGAAF) for c in m.modules()) == 1
@@ -314,7 +305,8 @@ def test_benchmark_naive_module_is_eq_7_8():
 
 
 def test_benchmark_memory_probes():
-    from benchmarks.run import Runner, peak_step_bytes, saved_bytes
+    from benchmarks.memory import peak_step_bytes, saved_bytes
+    from benchmarks.workloads import Runner
 
     torch.manual_seed(0)
     base = mlp(nn.Tanh, sizes=(64, 32, 4))

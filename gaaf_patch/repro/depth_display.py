@@ -7,8 +7,8 @@ from typing import Any
 
 from rich.table import Table
 
-from .depth import GAAF_VARIANTS, STAGES
-from .display import RichReporter, _ms
+from .depth_setup import GAAF_VARIANTS, STAGES
+from .display import RichReporter, mean_std
 from .train import EpochLog
 
 __all__ = ["DepthReporter", "table"]
@@ -17,21 +17,15 @@ __all__ = ["DepthReporter", "table"]
 class DepthReporter(RichReporter):
     """Runs are labelled ``model regime variant``; without a terminal every epoch is a line (runs are short)."""
 
-    def start(self, runs, done, sizes: dict[str, Any], device: str) -> None:
-        self.console.print(
-            f"depth study on {device}: {sizes['source']} {sizes['size']}x{sizes['size']}, train {sizes['train']}, "
-            f"validation {sizes['val']}, test {sizes['test']}; {len(runs)} run(s) to do"
-            + (f", {len(done)} already done (resumed)" if done else ""),
-            soft_wrap=True,
-        )
-        self.progress.start()
-        self._all = self.progress.add_task("depth study", total=len(runs), info="")
+    title = "depth study"
+    log_every = 1
 
-    def epoch(self, model: str, seed: int, log: EpochLog) -> None:
-        info = f"loss {log.train_loss:.4f}  val {log.val_acc:.2f}%  best ep {log.best_epoch}  {log.seconds:.1f} s"
-        self.progress.update(self._run, completed=log.epoch, info=info)
-        if not self.console.is_terminal:
-            self.console.print(f"{model} seed {seed}: epoch {log.epoch}: {info}", soft_wrap=True)
+    def start(self, runs, done, sizes: dict[str, Any], device: str) -> None:
+        self._begin(f"depth study on {device}: {sizes['source']} {sizes['size']}x{sizes['size']}, train "
+                    f"{sizes['train']}, validation {sizes['val']}, test {sizes['test']}", runs, done)  # fmt: skip
+
+    def _epoch_info(self, log: EpochLog) -> str:
+        return f"loss {log.train_loss:.4f}  val {log.val_acc:.2f}%  best ep {log.best_epoch}  {log.seconds:.1f} s"
 
     def run_end(self, model: str, seed: int, run: dict[str, Any]) -> None:
         if "pretrain" not in model:
@@ -72,9 +66,9 @@ def table(results: dict[str, Any]) -> Table:
                 n = len(s["seeds"])
                 final = s.get("grad_ratio_final", {})
                 t.add_row(
-                    m, g, v, _ms(s["test_acc"]), _ms(s["best_epoch"], ".1f"),
-                    f"{_ms(s['epochs_to_plain_best'], '.1f')} [{s['reached_plain_best']}/{n}]",
-                    _ms(s["seconds_to_plain_best"], ".0f"), _ms(s["wall_s"], ".0f"), f"{s['diverged']}/{n}",
+                    m, g, v, mean_std(s["test_acc"]), mean_std(s["best_epoch"], ".1f"),
+                    f"{mean_std(s['epochs_to_plain_best'], '.1f')} [{s['reached_plain_best']}/{n}]",
+                    mean_std(s["seconds_to_plain_best"], ".0f"), mean_std(s["wall_s"], ".0f"), f"{s['diverged']}/{n}",
                     *(_ratio_cell(final.get(st)) if v in GAAF_VARIANTS else "1" for st in STAGES),
                 )  # fmt: skip
     return t

@@ -13,16 +13,16 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .mnist import Reporter
 from .models import MODELS, PAPER, PAPER_GRADIENT_INFO
+from .study import Reporter
 from .train import EpochLog
 
-__all__ = ["RichReporter", "tables"]
+__all__ = ["RichReporter", "tables", "mean_std"]
 
 LOG_EVERY = 10
 
 
-def _ms(s: dict[str, float] | None, fmt: str = ".2f", scale: float = 1.0) -> str:
+def mean_std(s: dict[str, float] | None, fmt: str = ".2f", scale: float = 1.0) -> str:
     """``mean (std)``; the std only when there is more than one seed."""
     if not s or not s.get("n") or not math.isfinite(s["mean"]):
         return "-"
@@ -40,14 +40,19 @@ class RichReporter(Reporter):
         )  # fmt: skip
         self._all = self._run = None
 
+    title = "study"  # the overall bar's label
+    log_every = LOG_EVERY  # without a terminal: a line every this many epochs
+
     def start(self, runs, done, sizes: dict[str, int], device: str) -> None:
-        self.console.print(
-            f"MNIST study on {device}: train {sizes['train']}, validation {sizes['val']}, test {sizes['test']}; "
-            f"{len(runs)} run(s) to do" + (f", {len(done)} already done (resumed)" if done else ""),
-            soft_wrap=True,
-        )
+        self._begin(f"MNIST study on {device}: train {sizes['train']}, validation {sizes['val']}, test {sizes['test']}",
+                    runs, done)  # fmt: skip
+
+    def _begin(self, line: str, runs: list[Any], done: list[Any]) -> None:
+        """The study's first line, with the runs to do and those a resume skips; then the live bars."""
+        resumed = f", {len(done)} already done (resumed)" if done else ""
+        self.console.print(f"{line}; {len(runs)} run(s) to do{resumed}", soft_wrap=True)
         self.progress.start()
-        self._all = self.progress.add_task("study", total=len(runs), info="")
+        self._all = self.progress.add_task(self.title, total=len(runs), info="")
 
     def run_start(self, model: str, seed: int, max_epochs: int) -> None:
         if self._run is not None:
@@ -55,11 +60,14 @@ class RichReporter(Reporter):
         self._run = self.progress.add_task(f"{model} seed {seed}", total=max_epochs, info="")
 
     def epoch(self, model: str, seed: int, log: EpochLog) -> None:
-        info = (f"loss {log.train_loss:.4f}  val {log.val_loss:.4f} / {log.val_acc:.2f}%  best ep {log.best_epoch}"
-                f"  {log.seconds:.1f} s/ep")  # fmt: skip
+        info = self._epoch_info(log)
         self.progress.update(self._run, completed=log.epoch, info=info)
-        if not self.console.is_terminal and log.epoch % LOG_EVERY == 0:
+        if not self.console.is_terminal and log.epoch % self.log_every == 0:
             self.console.print(f"{model} seed {seed}: epoch {log.epoch}: {info}", soft_wrap=True)
+
+    def _epoch_info(self, log: EpochLog) -> str:
+        return (f"loss {log.train_loss:.4f}  val {log.val_loss:.4f} / {log.val_acc:.2f}%  best ep {log.best_epoch}"
+                f"  {log.seconds:.1f} s/ep")  # fmt: skip
 
     def run_end(self, model: str, seed: int, run: dict[str, Any]) -> None:
         self.progress.advance(self._all)
@@ -85,9 +93,9 @@ def tables(results: dict[str, Any]) -> list[Table]:
     for m, s in summary.items():
         paper = PAPER.get(m, {})
         acc.add_row(
-            m, _ms(s["test_acc"]), f"{paper['test_acc']:.2f}" if paper else "",
-            _ms(s["best_epoch"], ".0f"), f"{paper['epochs']}" if paper else "",
-            _ms(s["epochs_run"], ".0f"), _ms(s["s_per_epoch"], ".2f"), _ms(s["wall_s"], ".0f"),
+            m, mean_std(s["test_acc"]), f"{paper['test_acc']:.2f}" if paper else "",
+            mean_std(s["best_epoch"], ".0f"), f"{paper['epochs']}" if paper else "",
+            mean_std(s["epochs_run"], ".0f"), mean_std(s["s_per_epoch"], ".2f"), mean_std(s["wall_s"], ".0f"),
         )  # fmt: skip
 
     layers = list(dict.fromkeys(k for s in summary.values() for k in s["gradient_info"]))
@@ -109,7 +117,7 @@ def tables(results: dict[str, Any]) -> list[Table]:
             row.append(cell + (f" ({pg[k]:.2e})" if k in pg else ""))
         for k in sites:
             sat = s["saturation"].get(k)
-            row.append(_ms(sat, ".1f", 100.0))
+            row.append(mean_std(sat, ".1f", 100.0))
         probes.add_row(*row)
 
     corr = Table(
@@ -132,7 +140,7 @@ def tables(results: dict[str, Any]) -> list[Table]:
     for k in dict.fromkeys(k for v in sigma.values() for k in v):
         cal.add_column(f"sigma {k}", justify="right")
     for m, v in sigma.items():
-        cal.add_row(m, *(_ms(x, ".3f") for x in v.values()))
+        cal.add_row(m, *(mean_std(x, ".3f") for x in v.values()))
     notes = ", ".join(f"{m}: {MODELS[m].description}" for m in summary if m in MODELS)
     models = Table.grid()
     models.add_row(f"models - {notes}; saturation: tanh |z| > {results.get('setup', {}).get('saturation', 2):g}, "

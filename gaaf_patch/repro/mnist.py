@@ -11,10 +11,6 @@ Validation: the last ``val_size`` (10,000) images of MNIST's training set; train
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -29,9 +25,11 @@ from torch import Tensor
 from .. import data as _data
 from ..analysis import NetValues, NodeCorrelations, plots
 from ..analysis.sites import ACTIVATION_MODULES
+from . import study
 from .models import MODELS, PAPER, PAPER_GRADIENT_INFO, build, calibrate_at_init
 from .noisy import NoisyHardTanh
-from .train import Data, EpochLog, TrainConfig, train
+from .study import Reporter, stats
+from .train import Data, TrainConfig, train
 
 __all__ = ["StudyConfig", "Reporter", "run_study", "load_data", "summarize", "write_figures", "RESULTS", "QUICK"]
 
@@ -72,18 +70,6 @@ class StudyConfig:
                 "saturation": self.saturation, "quick": self.quick}  # fmt: skip
 
 
-class Reporter:
-    """Progress callbacks of :func:`run_study`; this one does nothing (the CLI's rich display overrides them)."""
-
-    def start(
-        self, runs: list[tuple[str, int]], done: list[tuple[str, int]], sizes: dict[str, int], device: str
-    ) -> None: ...
-    def run_start(self, model: str, seed: int, max_epochs: int) -> None: ...
-    def epoch(self, model: str, seed: int, log: EpochLog) -> None: ...
-    def run_end(self, model: str, seed: int, run: dict[str, Any]) -> None: ...
-    def finish(self, results: dict[str, Any]) -> None: ...
-
-
 # ---------------------------------------------------------------------------------------------------------- data
 
 
@@ -101,15 +87,6 @@ def load_data(cfg: StudyConfig) -> Data:
              cfg.subset["test"])  # fmt: skip
         parts = [p[:k] for p, k in zip(parts, n, strict=True)]
     return Data(*(p.contiguous() for p in parts))
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available")
-    return dev
 
 
 # ---------------------------------------------------------------------------------------------------------- runs
@@ -170,45 +147,6 @@ def run_one(name: str, seed: int, data: Data, cfg: StudyConfig, reporter: Report
 # ------------------------------------------------------------------------------------------------------- results
 
 
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    raise TypeError(f"not JSON: {type(o).__name__}")
-
-
-def save(results: dict[str, Any], path: Path) -> None:
-    """Write ``results`` to ``path`` atomically: a reader (or a crash) sees the old file or the new one, whole."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=1, default=_json_default, allow_nan=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _load(path: Path, setup: dict[str, Any]) -> dict[str, Any]:
-    try:
-        results = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot resume from {path}: {e}") from e
-    if results.get("version") != VERSION or results.get("study") != "mnist":
-        raise ValueError(f"{path} is not a results file of this study (version {VERSION}); use another --out")
-    if results.get("setup") != setup:
-        diff = sorted(k for k in setup if results.get("setup", {}).get(k) != setup[k])
-        raise ValueError(f"cannot resume {path}: it was run with different {', '.join(diff)}; use the same flags "
-                         "or another --out")  # fmt: skip
-    return results
-
-
-def _stats(values: list[float]) -> dict[str, float]:
-    vals = [v for v in values if v is not None and math.isfinite(v)]
-    if not vals:
-        return {"mean": float("nan"), "std": float("nan"), "n": 0}
-    return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0, "n": len(vals)}
-
-
 def summarize(runs: list[dict[str, Any]], models: list[str] | None = None) -> dict[str, dict[str, Any]]:
     """Mean and (sample) std over seeds, per model: accuracy, epochs, time, eq. 5 per layer, saturation per site,
     correlation counts per layer; for a calibrated model also the dropout noise sigma per site measured at init."""
@@ -218,17 +156,17 @@ def summarize(runs: list[dict[str, Any]], models: list[str] | None = None) -> di
         rs = [r for r in runs if r["model"] == m]
         if not rs:
             continue
-        s: dict[str, Any] = {k: _stats([r[k] for r in rs]) for k in
+        s: dict[str, Any] = {k: stats([r[k] for r in rs]) for k in
                              ("test_acc", "best_epoch", "epochs_run", "wall_s", "s_per_epoch")}  # fmt: skip
         s["seeds"] = sorted(r["seed"] for r in rs)
-        s["gradient_info"] = {k: _stats([r["gradient_info"][k] for r in rs]) for k in rs[0]["gradient_info"]}
-        s["saturation"] = {k: _stats([r["saturation"][k] for r in rs]) for k in rs[0]["saturation"]}
+        s["gradient_info"] = {k: stats([r["gradient_info"][k] for r in rs]) for k in rs[0]["gradient_info"]}
+        s["saturation"] = {k: stats([r["saturation"][k] for r in rs]) for k in rs[0]["saturation"]}
         s["correlations"] = {
-            site: {t: _stats([r["correlations"][site]["counts"][t] for r in rs]) for t in c["counts"]}
+            site: {t: stats([r["correlations"][site]["counts"][t] for r in rs]) for t in c["counts"]}
             for site, c in rs[0]["correlations"].items()
         }
         if "calibration" in rs[0]:  # the calibrated model: the noise sigma measured per site at init
-            s["calibration_sigma"] = {k: _stats([r["calibration"]["sites"][k]["sigma"] for r in rs])
+            s["calibration_sigma"] = {k: stats([r["calibration"]["sites"][k]["sigma"] for r in rs])
                                       for k in rs[0]["calibration"]["sites"]}  # fmt: skip
         out[m] = s
     return out
@@ -271,7 +209,8 @@ def write_figures(
     plots.net_histograms(nets, saturation=results["setup"]["saturation"], path=paths[0],
                          title=f"Net values per hidden layer, test set ({tag}); dotted: saturation bound")  # fmt: skip
     plots.gradient_info(gi, errors=gi_err, reference={m: v for m, v in PAPER_GRADIENT_INFO.items() if m in gi},
-                        path=paths[1], title=f"Gradient information per layer, eq. 5 ({tag}); bars: ours, -: paper")  # fmt: skip
+                        path=paths[1],
+                        title=f"Gradient information per layer, eq. 5 ({tag}); bars: ours, -: paper")  # fmt: skip
     plots.correlation_histograms(
         corr, path=paths[2], title=f"Node-pair correlations per hidden layer, test set ({tag})"
     )
@@ -286,7 +225,7 @@ def run_study(cfg: StudyConfig, reporter: Reporter | None = None) -> dict[str, A
     if path.exists() and not cfg.resume:
         raise ValueError(f"{path} exists; pass --resume to continue that study, or choose another --out")
     if path.exists():  # checked before the data load: a refused resume fails at once
-        results = _load(path, setup)
+        results = study.load_resumable(path, "mnist", VERSION, setup)
         results["models"] = list(dict.fromkeys([*results["models"], *cfg.models]))
     else:
         results = {"study": "mnist", "version": VERSION, "setup": setup, "models": list(cfg.models), "runs": [],
@@ -294,7 +233,7 @@ def run_study(cfg: StudyConfig, reporter: Reporter | None = None) -> dict[str, A
     cfg.out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = _device(cfg.device)
+    device = study.device(cfg.device)
     done = {(r["model"], r["seed"]) for r in results["runs"]}
     # Seed-major order: after k seeds every model has k runs, so a partial study is a fair comparison.
     todo = [(m, s) for s in range(cfg.seeds) for m in cfg.models if (m, s) not in done]
@@ -304,25 +243,17 @@ def run_study(cfg: StudyConfig, reporter: Reporter | None = None) -> dict[str, A
         reporter.start(todo, sorted(done), results["data"], str(device))
     for name, seed in todo:
         run = run_one(name, seed, data, cfg, reporter)
-        run["environment"] = _environment(device)
+        run["environment"] = study.environment(device)
         run["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         results["runs"].append(run)
         results["summary"] = summarize(results["runs"], results["models"])
-        save(results, path)
+        study.save(results, path)
         reporter.run_end(name, seed, run)
     results["summary"] = summarize(results["runs"], results["models"])
-    save(results, path)
+    study.save(results, path)
     try:
         results["figures"] = [str(p) for p in write_figures(results, cfg.out)]
     except ImportError as e:  # matplotlib is optional: the numbers are on disk, say why the PNGs are not
         results["figures"], results["figures_skipped"] = [], str(e)
     reporter.finish(results)
     return results
-
-
-def _environment(device: torch.device) -> dict[str, Any]:
-    env = {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
-           "python": platform.python_version(), "machine": platform.machine()}  # fmt: skip
-    if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
-    return env
