@@ -11,6 +11,9 @@ Sites that no dropout reaches keep their default shape. docs/calibration.md has 
 
     model = gaaf.calibrate(dropout_model, train_batches)    # in place; returns the model
     gaaf.report(model).replaced                            # shape "dropout_matched(act='tanh', sigma=0.412)"
+
+    batches = load_batches("digits", (1, 28, 28))          # what ``gaaf-patch --calibrate digits`` measures on
+    rows = calibrate_on(dropout_model, batches)            # the same, returning the noise and shape per site
 """
 
 from __future__ import annotations
@@ -28,12 +31,15 @@ from torch import Tensor, nn
 from . import activations as _acts
 from .analysis.variance import SiteNoise, net_variance
 from .api import PatchError, patch
+from .errors import GaafError, one_line
 from .passes.context import RECORD_ATTR
 from .shapes import ShapeFn, dropout_matched
 
 __all__ = [
     "calibrate",
     "calibrate_from",
+    "calibrate_on",
+    "CalibrationError",
     "calibrated_shapes",
     "load_batches",
     "noise_table",
@@ -45,6 +51,10 @@ ESTIMATORS = ("empirical", "eq6")
 SIGMA_DIGITS = 3  # sigma is rounded to 3 significant digits: a readable spec, and one cached table per value
 
 
+class CalibrationError(GaafError, ValueError):
+    """An estimator, or calibration data, that calibration cannot use; the message says what to give instead."""
+
+
 def calibrated_shapes(noise: Sequence[SiteNoise], *, estimator: str = "empirical") -> dict[str, ShapeFn]:
     """``{site name: dropout-matched shape}`` for the sites that dropout feeds.
 
@@ -52,7 +62,7 @@ def calibrated_shapes(noise: Sequence[SiteNoise], *, estimator: str = "empirical
     Linear/Conv of a dropout's output; the empirical value elsewhere).
     """
     if estimator not in ESTIMATORS:
-        raise ValueError(f"unknown estimator {estimator!r}; use one of {', '.join(ESTIMATORS)}")
+        raise CalibrationError(f"unknown estimator {estimator!r}; use one of {', '.join(ESTIMATORS)}")
     shapes = {}
     for site in noise:
         if not site.fed:
@@ -123,9 +133,33 @@ def calibrate(
     ``K``, ``strip_droppath``, ``filter_fn``). The sigma of each site is in its shape's spec, which
     ``gaaf.report(model)`` lists and a saved patch configuration replays.
     """
+    noise = _measure(model, data, batches, masks, seed, patch_options)
+    return calibrate_from(model, noise, estimator=estimator, **patch_options)
+
+
+def calibrate_on(
+    model: nn.Module,
+    batches: Sequence[Tensor],
+    *,
+    masks: int = 8,
+    seed: int = 0,
+    estimator: str = "empirical",
+    **patch_options: Any,
+) -> list[dict[str, Any]]:
+    """:func:`calibrate` on every batch of ``batches`` (e.g. from :func:`load_batches`), returning what it measured:
+    one :func:`noise_table` row per site, with the shape the site got (``None``: its default shape)."""
+    noise = _measure(model, batches, len(batches), masks, seed, patch_options)
+    calibrate_from(model, noise, estimator=estimator, **patch_options)
+    return noise_table(noise, calibrated_shapes(noise, estimator=estimator))
+
+
+def _measure(
+    model: nn.Module, data: Iterable[Any] | Tensor, batches: int, masks: int, seed: int, patch_options: dict[str, Any]
+) -> list[SiteNoise]:
+    """The dropout noise on the sites ``patch_options`` choose, measured on the unpatched ``model``."""
     if RECORD_ATTR in model.__dict__:
         raise PatchError("calibrate takes the unpatched dropout model; call gaaf_patch.unpatch(model) first")
-    noise = net_variance(
+    return net_variance(
         model,
         data,
         batches=batches,
@@ -135,7 +169,6 @@ def calibrate(
         strip_droppath=patch_options.get("strip_droppath", False),
         filter_fn=patch_options.get("filter_fn"),
     )
-    return calibrate_from(model, noise, estimator=estimator, **patch_options)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -166,7 +199,9 @@ def load_batches(
     elif Path(source).is_file():
         images = _tensor_file(Path(source))
     else:
-        raise ValueError(f"calibration data {source!r}: use digits, mnist (with --data-dir) or a .pt file of inputs")
+        raise CalibrationError(
+            f"calibration data {source!r}: use digits, mnist (with --data-dir) or a .pt file of inputs"
+        )
     images = images[: batch_size * batches]
     fitted = _fit(images.float(), tuple(input_size), source)
     return list(fitted.split(batch_size))
@@ -176,11 +211,11 @@ def _tensor_file(path: Path) -> Tensor:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"cannot read {path} as a torch file: {' '.join(str(e).split())[:200]}") from e
+        raise CalibrationError(f"cannot read {path} as a torch file: {one_line(e, 200)}") from e
     if isinstance(obj, (tuple, list)) and obj:
         obj = obj[0]
     if not isinstance(obj, Tensor) or obj.dim() < 2 or not obj.is_floating_point():
-        raise ValueError(f"{path} must hold a float tensor of inputs N x ... (or an (inputs, targets) pair)")
+        raise CalibrationError(f"{path} must hold a float tensor of inputs N x ... (or an (inputs, targets) pair)")
     return obj
 
 
@@ -191,13 +226,13 @@ def _fit(images: Tensor, input_size: tuple[int, ...], source: str) -> Tensor:
     if images.dim() == 3:
         images = images.unsqueeze(1)
     if images.dim() != 4:
-        raise ValueError(
+        raise CalibrationError(
             f"{source}: inputs of shape {list(images.shape[1:])} do not fit the model's {list(input_size)}"
         )
     if len(input_size) == 1:
         side = math.isqrt(input_size[0] // images.shape[1])
         if side * side * images.shape[1] != input_size[0]:
-            raise ValueError(f"{source}: images cannot be flattened to {input_size[0]} features (not C x k x k)")
+            raise CalibrationError(f"{source}: images cannot be flattened to {input_size[0]} features (not C x k x k)")
         return _resize(images, side, side).flatten(1)
     if len(input_size) == 3:
         c, h, w = input_size
@@ -206,7 +241,7 @@ def _fit(images: Tensor, input_size: tuple[int, ...], source: str) -> Tensor:
             return images
         if images.shape[1] == 1:
             return images.expand(-1, c, -1, -1).contiguous()
-    raise ValueError(f"{source}: images {list(images.shape[1:])} do not fit the model's input {list(input_size)}")
+    raise CalibrationError(f"{source}: images {list(images.shape[1:])} do not fit the model's input {list(input_size)}")
 
 
 def _resize(images: Tensor, h: int, w: int) -> Tensor:

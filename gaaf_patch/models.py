@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import GaafError
+from .errors import GaafError, one_line
 
 __all__ = [
     "ModelSpecError",
@@ -151,7 +151,7 @@ def _file_model(path: Path, factory: str, num_classes: int | None) -> nn.Module:
     try:
         spec.loader.exec_module(module)
     except Exception as e:
-        raise ModelSpecError(f"importing {path} failed: {type(e).__name__}: {_one_line(e)}") from e
+        raise ModelSpecError(f"importing {path} failed: {type(e).__name__}: {one_line(e)}") from e
     finally:
         if folder in sys.path:
             sys.path.remove(folder)
@@ -162,7 +162,7 @@ def _file_model(path: Path, factory: str, num_classes: int | None) -> nn.Module:
     try:
         model = fn() if num_classes is None else fn(num_classes=num_classes)
     except Exception as e:
-        raise ModelSpecError(f"{path}:{factory}() failed: {type(e).__name__}: {_one_line(e)}") from e
+        raise ModelSpecError(f"{path}:{factory}() failed: {type(e).__name__}: {one_line(e)}") from e
     if not isinstance(model, nn.Module):
         raise ModelSpecError(f"{path}:{factory}() returned {type(model).__name__}, not an nn.Module")
     return model
@@ -209,7 +209,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {_one_line(e)}") from e
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {one_line(e)}") from e
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, not a state_dict")
     key = next((k for k in STATE_DICT_KEYS if isinstance(obj.get(k), Mapping)), "")
@@ -256,7 +256,7 @@ def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tens
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:
-        raise CheckpointError(f"checkpoint does not fit the model: {_one_line(e)}") from e
+        raise CheckpointError(f"checkpoint does not fit the model: {one_line(e)}") from e
 
 
 def load_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> Checkpoint:
@@ -269,11 +269,6 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> Checkpoin
 def _listing(what: str, keys: list[str], first: int = 3) -> str:
     more = f", ... (+{len(keys) - first} more)" if len(keys) > first else ""
     return f"{len(keys)} {what} key(s): {', '.join(keys[:first])}{more}"
-
-
-def _one_line(e: BaseException) -> str:
-    text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-    return " ".join(str(text).split())
 
 
 def output_tensors(out: Any) -> list[torch.Tensor]:

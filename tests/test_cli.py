@@ -370,8 +370,65 @@ def test_an_infinite_K_is_a_usage_error_and_nan_outputs_fail_the_check(capsys):
     """Issue 14, item 4: --K inf made every output NaN while the check said "allclose ok"."""
     assert main(["resnet10t", "--input-size", "3,32,32", "--mode", "sawtooth", "--K", "inf"]) == 2
     assert capsys.readouterr().err.strip() == "gaaf-patch: error: K must be a finite positive number, got inf"
-    from gaaf_patch.cli import _max_abs_diff
+    from gaaf_patch.verify import max_abs_diff
 
     ref, bad = torch.ones(3), torch.tensor([1.0, float("nan"), 1.0])
-    assert math.isnan(_max_abs_diff([ref], [bad]))  # NaN where the original is finite: no "ok" can follow
-    assert _max_abs_diff([bad], [bad.clone()]) == 0.0  # the same NaN on both sides (an overflowing init) is equal
+    assert math.isnan(max_abs_diff([ref], [bad]))  # NaN where the original is finite: no "ok" can follow
+    assert max_abs_diff([bad], [bad.clone()]) == 0.0  # the same NaN on both sides (an overflowing init) is equal
+
+
+# ----------------------------------------------------------------------------------------------------- exit codes
+
+
+def test_a_bug_is_an_internal_error_not_a_usage_error(monkeypatch, capsys, factory_file: Path) -> None:
+    """Errors are told apart by type: a ValueError that no one raised on purpose is exit 3, not 2."""
+    from gaaf_patch.cli import patch as patch_command
+
+    def buggy(*args, **kwargs):
+        raise ValueError("an internal slip")
+
+    monkeypatch.setattr(patch_command, "verify", buggy)
+    monkeypatch.delenv("GAAF_DEBUG", raising=False)
+    argv = [f"{factory_file}:make_net", "--input-size", "3,8,8"]
+    assert main(argv) == 3
+    err = capsys.readouterr().err
+    assert err == (
+        "gaaf-patch: internal error: ValueError: an internal slip "
+        "(please report; rerun with GAAF_DEBUG=1 for the traceback)\n"
+    )
+    monkeypatch.setenv("GAAF_DEBUG", "1")
+    with pytest.raises(ValueError, match="an internal slip"):
+        main(argv)
+
+
+def test_every_library_error_is_a_gaaf_error() -> None:
+    """What the CLI reports as a usage error (exit 2) is exactly the GaafError family."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import gaaf_patch
+    from gaaf_patch.errors import GaafError
+
+    found = []
+    for info in pkgutil.walk_packages(gaaf_patch.__path__, "gaaf_patch."):
+        if info.name.endswith("__main__"):
+            continue
+        module = importlib.import_module(info.name)
+        for _, cls in inspect.getmembers(module, inspect.isclass):
+            if issubclass(cls, BaseException) and cls.__module__ == info.name:
+                found.append(cls)
+    assert len(found) >= 10, found
+    assert [c for c in found if not issubclass(c, GaafError)] == []
+
+
+def test_python_dash_m() -> None:
+    import subprocess
+    import sys
+
+    from gaaf_patch import __version__
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "gaaf_patch.cli", "--version"], capture_output=True, text=True,
+                          cwd=root, timeout=120)  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout.strip() == f"gaaf-patch {__version__}", proc.stderr

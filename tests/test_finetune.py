@@ -344,6 +344,18 @@ def test_other_bad_options(pretrained, tmp_path, capsys):
     assert "MNIST not found" in _fails([*RESNET, "--data", "mnist", "--data-dir", str(tmp_path)], capsys)
 
 
+def test_environment_errors_are_one_line(toy, tmp_path, monkeypatch, capsys):
+    """A device torch does not know, a disk that is full at save time: the user's to fix, not internal errors."""
+    assert "--device bogus" in _fails([toy, "--input-size", "64", "--device", "bogus"], capsys)
+
+    def full_disk(obj, f, *a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    err = _fails([toy, "--input-size", "64", "--epochs", "1", "--out", str(tmp_path / "t.pt")], capsys)
+    assert f"cannot write the checkpoint {tmp_path / 't.pt'}" in err and "No space left on device" in err
+
+
 # ----------------------------------------------------------------------------------------------------------- parts
 
 
@@ -359,6 +371,25 @@ def test_atomic_save_never_leaves_a_torn_file(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         atomic_save({"epoch": 2, "w": torch.zeros(3)}, path)
     assert _load(path)["epoch"] == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]
+
+
+def test_deploy_check_loads_into_the_unpatched_model_and_compares(toy):
+    import gaaf_patch as gaaf
+    from gaaf_patch.finetune.deploy import deploy_check
+    from gaaf_patch.finetune.loop import Precision
+    from gaaf_patch.finetune.options import FinetuneOptions
+    from gaaf_patch.models import build_model
+
+    batch, cpu = torch.randn(8, 64), Precision("cpu", None)
+    exact = gaaf.patch(build_model(toy))
+    r = deploy_check(FinetuneOptions(model=toy), exact, None, batch, cpu)
+    assert r == {"ok": True, "strict_load": True, "bit_identical": True, "max_abs_diff": 0.0, "tolerance": 0.0,
+                 "batch": [8, 64]}  # fmt: skip
+    r = deploy_check(FinetuneOptions(model=toy), exact, 3, batch, cpu)  # an unpatched model with another head
+    assert not r["ok"] and not r["strict_load"] and "head.weight" in r["error"]
+    saw = gaaf.patch(build_model(toy), mode="sawtooth")
+    r = deploy_check(FinetuneOptions(model=toy, patch={"mode": "sawtooth"}), saw, None, batch, cpu)
+    assert r["ok"] and not r["bit_identical"] and 0 < r["max_abs_diff"] <= r["tolerance"]
 
 
 def test_replace_classifier_timm_torchvision_and_user_models():

@@ -1,10 +1,10 @@
 """One model of the sweep: build it, patch it with ``strip_dropout=True``, and check what a patch promises.
 
-(a) eval outputs bit-identical to the unpatched model's (exact mode); (b) no activation left unreplaced, counted
-independently of the report (:mod:`.count`: module instances, whole-model fx nodes where the model traces, aten ops
-at run time), and nothing in ``report.unreached``; (c) the train-mode forward deterministic after stripping (two
-forwards under different RNG seeds agree bit for bit; drop-path modules, which ``strip_dropout`` keeps, held in
-eval mode); (d) a train-mode backward runs and reaches the input;
+(a) eval outputs bit-identical to the unpatched model's (exact mode; :func:`gaaf_patch.verify.all_bit_equal`);
+(b) no activation left unreplaced, counted independently of the report (:mod:`.count`: module instances, whole-model
+fx nodes where the model traces, aten ops at run time), and nothing in ``report.unreached``; (c) the train-mode
+forward deterministic after stripping (two forwards under different RNG seeds agree bit for bit; drop-path modules,
+which ``strip_dropout`` keeps, held in eval mode); (d) a train-mode backward runs and reaches the input;
 (e) ``state_dict`` keys unchanged.
 
 The unpatched model is run first in train mode, then in eval mode (the reference), both on the same seeded batch.
@@ -26,9 +26,11 @@ import torch
 from torch import Tensor, nn
 
 from ..api import patch
+from ..errors import one_line
 from ..models import output_tensors as _tensors
 from ..passes import targets
 from ..report import report
+from ..verify import all_bit_equal
 from . import count, zoo
 
 __all__ = ["Result", "check", "check_model", "PASS", "FAIL", "SKIP"]
@@ -83,24 +85,8 @@ class Result:
         }
 
 
-def _one_line(e: BaseException, n: int = 200) -> str:
-    return f"{type(e).__name__}: {' '.join(str(e).split())[:n]}"
-
-
-def _same(a: list[Tensor], b: list[Tensor]) -> bool:
-    """Bit for bit, NaN equal to NaN (a random-init model may overflow, identically)."""
-    if len(a) != len(b):
-        return False
-    for x, y in zip(a, b, strict=True):
-        if x.shape != y.shape or x.dtype != y.dtype:
-            return False
-        if x.is_floating_point():
-            nx, ny = x.isnan(), y.isnan()
-            if not (torch.equal(nx, ny) and torch.equal(x.masked_fill(nx, 0), y.masked_fill(ny, 0))):
-                return False
-        elif not torch.equal(x, y):
-            return False
-    return True
+def _why(e: BaseException) -> str:
+    return f"{type(e).__name__}: {one_line(e, 200)}"
 
 
 def _forward(model: nn.Module, x: Tensor, seed: int) -> list[Tensor]:
@@ -140,13 +126,13 @@ def _prepare(entry: zoo.Entry, size: int | None, result: Result) -> tuple[nn.Mod
         try:
             model, shape = zoo.build(entry, s)
         except Exception as e:  # noqa: BLE001 - any build failure is the model's, reported as a skip
-            errors.append(f"build: {_one_line(e)}")
+            errors.append(f"build: {_why(e)}")
             continue
         x = torch.randn((BATCH, *shape), generator=torch.Generator().manual_seed(SEED))
         try:
             ref = _reference(model, x)
         except Exception as e:  # noqa: BLE001
-            errors.append(f"{list(shape)}: {_one_line(e)}")
+            errors.append(f"{list(shape)}: {_why(e)}")
             continue
         return model, x, ref
     result.status, result.reason = SKIP, "the unpatched model does not run: " + "; ".join(errors)
@@ -158,7 +144,7 @@ def _timed(result: Result, fn: Any, *args: Any) -> Result:
     try:
         fn(*args, result)
     except Exception as e:  # noqa: BLE001 - a crash of the patched model is a failure with its reason
-        result.status, result.reason = FAIL, result.reason or _one_line(e)
+        result.status, result.reason = FAIL, result.reason or _why(e)
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -207,7 +193,7 @@ def _patch_and_verify(model: nn.Module, x: Tensor, ref: list[Tensor], result: Re
 
     model.eval()
     with torch.no_grad():
-        checks["a_exact"] = _same(_forward(model, x, SEED), ref)
+        checks["a_exact"] = all_bit_equal(_forward(model, x, SEED), ref)
 
     result.leftover_modules = [o.to_dict() for o in count.leftover_modules(model, rep)]
     fx_left, result.fx_error = count.leftover_fx(model)
@@ -223,11 +209,11 @@ def _patch_and_verify(model: nn.Module, x: Tensor, ref: list[Tensor], result: Re
             checks["d_backward"] = bool(floats) and xg.grad is not None
         except Exception as e:  # noqa: BLE001
             checks["d_backward"] = False
-            result.reason = f"backward: {_one_line(e)}"
+            result.reason = f"backward: {_why(e)}"
     result.leftover_runtime = [o.to_dict() for o in rc.leftovers()]
     with torch.no_grad(), _droppath_held(model):
         first = _forward(model, x, SEED + 2)
-        checks["c_deterministic"] = _same(_forward(model, x, SEED + 3), first)
+        checks["c_deterministic"] = all_bit_equal(_forward(model, x, SEED + 3), first)
 
     misses = result.misses()
     checks["b_complete"] = (

@@ -8,7 +8,8 @@
 from .checkpoint import atomic_save, capture_rng, restore_rng, state_digest
 from .head import HeadError, find_classifier, num_outputs, replace_classifier
 from .inputs import InputAdapter, model_input_size, normalization
-from .run import EMBEDDED_DATA, FinetuneError, FinetuneOptions, FinetuneResult, finetune
+from .options import EMBEDDED_DATA, FinetuneError, FinetuneOptions
+from .run import FinetuneResult, finetune
 
 __all__ = [
     "finetune",

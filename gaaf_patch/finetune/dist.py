@@ -15,7 +15,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..errors import one_line
 from .checkpoint import state_digest
+from .options import FinetuneError
 
 __all__ = ["Dist", "setup", "teardown", "all_sum", "replica_digests"]
 
@@ -43,9 +45,12 @@ def _device(requested: str, local_rank: int) -> torch.device:
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("--device cuda: no CUDA device is visible")
+            raise FinetuneError("--device cuda: no CUDA device is visible")
         return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device(requested)
+    try:
+        return torch.device(requested)
+    except RuntimeError as e:  # torch's "Expected one of cpu, cuda, ... device type at start of device string"
+        raise FinetuneError(f"--device {requested}: {one_line(e, 200)}") from None
 
 
 def setup(device: str = "auto") -> Dist:

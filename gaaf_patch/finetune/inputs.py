@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..models import default_input_size
+from .options import FinetuneError
 
 __all__ = ["InputAdapter", "model_input_size", "normalization"]
 
@@ -73,15 +74,15 @@ class InputAdapter:
 
     def __post_init__(self) -> None:
         if len(self.size) not in (1, 3) or any(d < 1 for d in self.size):
-            raise ValueError(f"input size must be C,H,W or D (positive), got {','.join(map(str, self.size))}")
+            raise FinetuneError(f"input size must be C,H,W or D (positive), got {','.join(map(str, self.size))}")
 
     def __call__(self, x: Tensor) -> Tensor:
         if x.dim() != 4:
-            raise ValueError(f"expected a batch of images N x C x H x W, got shape {list(x.shape)}")
+            raise FinetuneError(f"expected a batch of images N x C x H x W, got shape {list(x.shape)}")
         if len(self.size) == 1:
             flat = x.flatten(1)
             if flat.shape[1] != self.size[0]:
-                raise ValueError(
+                raise FinetuneError(
                     f"the model takes {self.size[0]} inputs but an image has {flat.shape[1]} values "
                     f"({'x'.join(map(str, x.shape[1:]))}); set --input-size C,H,W for an image model"
                 )
@@ -95,7 +96,7 @@ class InputAdapter:
             elif c == 1:
                 x = x.mean(1, keepdim=True)
             else:
-                raise ValueError(f"cannot feed {x.shape[1]}-channel images to a model that takes {c} channels")
+                raise FinetuneError(f"cannot feed {x.shape[1]}-channel images to a model that takes {c} channels")
         if self.normalize is not None:
             mean, std = (torch.tensor(v, dtype=x.dtype, device=x.device).view(1, -1, 1, 1) for v in self.normalize)
             x = (x - mean) / std

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .dist import Dist, all_sum
+from .options import FinetuneError
 
 __all__ = ["Totals", "Precision", "train_epoch", "evaluate", "progress_bar", "logits_of"]
 
@@ -76,7 +77,7 @@ def logits_of(out: Any) -> Tensor:
     logits = getattr(out, "logits", None)
     if isinstance(logits, Tensor):
         return logits
-    raise ValueError(f"the model returned {type(out).__name__}; expected a tensor of class scores")
+    raise FinetuneError(f"the model returned {type(out).__name__}; expected a tensor of class scores")
 
 
 def progress_bar(console: Any, enabled: bool):

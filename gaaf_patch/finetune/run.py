@@ -7,9 +7,11 @@ The order matters and is fixed here:
 2. replace the classifier for ``num_classes`` when asked (fresh weights, everything else from the checkpoint);
 3. patch (:func:`gaaf_patch.patch`) - before DistributedDataParallel wraps the model and before ``torch.compile``,
    so both see the GAAF modules and the optimizer gets the very parameters the checkpoint filled;
-4. train, evaluate and write an atomic checkpoint after every epoch; on the last one, check the deployment path:
-   the saved ``state_dict`` loads with ``strict=True`` into a freshly built *unpatched* model, whose outputs on a
-   held-out batch are compared with the patched model's (bit-identical in ``exact`` mode).
+4. train, evaluate and write an atomic checkpoint after every epoch; on the last one, check the deployment path
+   (:mod:`.deploy`): the saved ``state_dict`` loads with ``strict=True`` into a freshly built *unpatched* model,
+   whose outputs on a held-out batch are compared with the patched model's (bit-identical in ``exact`` mode).
+
+The options and the checks that need neither model nor data are in :mod:`.options`.
 
 ``--compile`` is ``torch.compile`` of the already patched model (after DDP wrapping, as PyTorch recommends), rather
 than :func:`gaaf_patch.compile` of the unpatched one: the sites are then exactly the ones ``patch`` reported and
@@ -19,11 +21,9 @@ unchanged. Inductor still compiles the GAAF backward (Dynamo traces the ``autogr
 
 from __future__ import annotations
 
-import json
-import re
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,68 +32,21 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from .. import data as _data
-from ..errors import GaafError
 from ..api import patch as _patch
+from ..errors import one_line
 from ..models import CheckpointError, build_model, load_state_dict_strict, read_checkpoint
 from ..report import report
 from . import dist
 from .checkpoint import atomic_save, capture_rng, restore_rng
+from .deploy import deploy_check
 from .head import HeadError, checkpoint_classes, num_outputs, replace_classifier
 from .inputs import InputAdapter, model_input_size, normalization
 from .loop import Precision, Totals, evaluate, logits_of, progress_bar, train_epoch
+from .options import AMP_CHOICES, EMBEDDED_DATA, SCHEDULES, FinetuneError, FinetuneOptions, check_options
 
 __all__ = ["FinetuneOptions", "FinetuneResult", "FinetuneError", "finetune", "EMBEDDED_DATA"]
 
-EMBEDDED_DATA = ("digits", "mnist")
-AMP_CHOICES = ("auto", "bf16", "fp16")
-SCHEDULES = ("cosine", "constant")
 DIGITS_HOLDOUT = 0.2
-
-
-class FinetuneError(GaafError, ValueError):
-    """An option or input the fine-tuning cannot work with; the message says what to do."""
-
-
-@dataclass
-class FinetuneOptions:
-    """Everything one fine-tuning run needs; the CLI's flags map one to one onto these fields.
-
-    ``patch`` holds the keyword arguments of :func:`gaaf_patch.patch` (None trains the model unpatched: the baseline
-    to compare GAAF with). ``batch_size`` is per process. ``epochs`` is the total, also when resuming.
-    """
-
-    model: str
-    data: str = "digits"
-    checkpoint: str | None = None
-    num_classes: int | None = None
-    epochs: int = 3
-    batch_size: int = 64
-    lr: float = 0.01
-    opt: str = "sgd"
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    sched: str = "cosine"
-    input_size: tuple[int, ...] | None = None
-    data_dir: str | None = None
-    download: bool = False
-    workers: int = 0
-    amp: str | None = None
-    compile: bool = False
-    patch: dict[str, Any] | None = field(default_factory=dict)
-    out: str | None = None
-    resume: str | None = None
-    seed: int = 0
-    device: str = "auto"
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready (stored as ``args`` in the checkpoint)."""
-        return json.loads(json.dumps(asdict(self), default=str))
-
-    @property
-    def out_path(self) -> Path:
-        if self.out:
-            return Path(self.out)
-        return Path(f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', self.model).strip('_') or 'model'}-gaaf.pt")
 
 
 @dataclass
@@ -159,7 +112,7 @@ def _classes(model: nn.Module, input_size: tuple[int, ...]) -> int:
         except Exception as e:  # noqa: BLE001 - the model's own error, reported as a usage problem
             raise FinetuneError(
                 f"cannot tell how many classes {type(model).__name__} scores on input {list(input_size)}: "
-                f"{type(e).__name__}: {' '.join(str(e).split())[:200]}; set --input-size"
+                f"{type(e).__name__}: {one_line(e, 200)}; set --input-size"
             ) from None
         finally:
             model.train(was)
@@ -246,7 +199,7 @@ def _optimizer(opts: FinetuneOptions, model: nn.Module) -> torch.optim.Optimizer
             model, opt=opts.opt, lr=opts.lr, weight_decay=opts.weight_decay, momentum=opts.momentum
         )
     except (AssertionError, ValueError, KeyError) as e:
-        raise FinetuneError(f"--opt {opts.opt}: {' '.join(str(e).split())} (e.g. sgd, adamw, lamb)") from None
+        raise FinetuneError(f"--opt {opts.opt}: {one_line(e)} (e.g. sgd, adamw, lamb)") from None
 
 
 def _scheduler(opts: FinetuneOptions, optimizer: torch.optim.Optimizer, steps: int):
@@ -255,51 +208,6 @@ def _scheduler(opts: FinetuneOptions, optimizer: torch.optim.Optimizer, steps: i
     if opts.sched == "constant":
         return None
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, opts.epochs * steps))
-
-
-def _check_options(opts: FinetuneOptions) -> None:
-    if opts.epochs < 1 or opts.batch_size < 1:
-        raise FinetuneError("--epochs and --batch-size must be positive")
-    if not opts.lr > 0:
-        raise FinetuneError(f"--lr must be positive, got {opts.lr}")
-    parent = opts.out_path.resolve().parent
-    if not parent.is_dir():
-        raise FinetuneError(f"--out {opts.out_path}: no such directory {parent}")
-    for flag, path in (("--checkpoint", opts.checkpoint), ("--resume", opts.resume)):
-        if path and not Path(path).is_file():
-            raise CheckpointError(f"{flag} {path}: no such checkpoint file")
-
-
-def _deploy_check(
-    opts: FinetuneOptions, model: nn.Module, num_classes: int | None, batch: torch.Tensor, precision: Precision
-) -> dict[str, Any]:
-    """Load the weights into a freshly built unpatched model (``num_classes`` None: as built by default) with
-    ``strict=True`` and compare eval outputs on ``batch``."""
-    try:
-        plain = build_model(opts.model, num_classes, opts.input_size)
-        load_state_dict_strict(plain, model.state_dict())
-    except ValueError as e:
-        return {"ok": False, "strict_load": False, "error": " ".join(str(e).split())}
-    plain.to(batch.device).eval()
-    model.eval()
-    with torch.no_grad(), precision.autocast():
-        a, b = logits_of(plain(batch)).float(), logits_of(model(batch)).float()
-    exact = opts.patch is None or opts.patch.get("mode", "exact") == "exact"
-    same = torch.equal(a, b)
-    diff = (a - b).abs().max().item() if a.numel() else 0.0
-    scale = max(1.0, a.abs().max().item()) if a.numel() else 1.0
-    # exact mode: bit for bit on the CPU; two model instances on a GPU may get different kernels (cuDNN heuristics)
-    # for the same convolution, so there it is float32 round-off. sawtooth: the patch CLI's forward tolerance.
-    tol = 0.0 if exact and batch.device.type == "cpu" else (1e-5 if exact else 1e-3) * scale
-    ok = same or diff <= tol
-    return {
-        "ok": ok,
-        "strict_load": True,
-        "bit_identical": same,
-        "max_abs_diff": diff,
-        "tolerance": tol,
-        "batch": list(batch.shape),
-    }
 
 
 # --------------------------------------------------------------------------------------------------------------- run
@@ -311,7 +219,7 @@ def finetune(opts: FinetuneOptions, console: Any = None) -> FinetuneResult:
     Under ``torchrun`` every process calls this; only the first prints and writes the checkpoint. The caller's
     random state is left as it was: the run seeds a forked generator from ``opts.seed``.
     """
-    _check_options(opts)
+    check_options(opts)
     if console is None:
         from rich.console import Console
 
@@ -322,6 +230,11 @@ def finetune(opts: FinetuneOptions, console: Any = None) -> FinetuneResult:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(opts.seed)
             return _run(opts, d, console)
+    except OSError as e:  # an image that cannot be read, a full disk: the environment's, not a bug
+        raise FinetuneError(
+            f"input/output error: {type(e).__name__}: {one_line(e, 300)}; check that the files --data and "
+            "--data-dir name are readable and that there is free space"
+        ) from e
     finally:
         dist.teardown(d)
 
@@ -414,7 +327,7 @@ def _run(opts: FinetuneOptions, d: dist.Dist, console: Any) -> FinetuneResult:
         if last and d.is_main:
             with torch.random.fork_rng(devices=[d.device] if d.device.type == "cuda" else []):  # not the run's RNG
                 batch = ds.prepare(next(iter(val_loader))[0].to(d.device))
-                deploy = _deploy_check(opts, model, classes if replaced else None, batch, precision)
+                deploy = deploy_check(opts, model, classes if replaced else None, batch, precision)
         if d.is_main:
             state = {
                 "state_dict": model.state_dict(),
@@ -433,7 +346,7 @@ def _run(opts: FinetuneOptions, d: dist.Dist, console: Any) -> FinetuneResult:
                 "deploy_check": deploy,
                 "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }
-            atomic_save(state, out)
+            _save(state, out)
     if start_epoch >= opts.epochs:
         _say(d, console, f"nothing to do: the resumed run already completed {start_epoch} epoch(s) of {opts.epochs}")
         out = None
@@ -441,6 +354,15 @@ def _run(opts: FinetuneOptions, d: dist.Dist, console: Any) -> FinetuneResult:
         history, out if d.is_main else None, start_epoch, classes, input_size, gaaf_config, summary,
         deploy, d.world_size, digests,
     )  # fmt: skip
+
+
+def _save(state: dict[str, Any], out: Path) -> None:
+    try:
+        atomic_save(state, out)
+    except (OSError, RuntimeError) as e:  # torch.save reports some write failures as RuntimeError
+        raise FinetuneError(
+            f"cannot write the checkpoint {out}: {one_line(e)}; free space or choose another --out"
+        ) from e
 
 
 def _row(epoch: int, tr: Totals, ev: Totals, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

@@ -1,0 +1,87 @@
+"""``gaaf-patch finetune MODEL``: the flags of :class:`gaaf_patch.finetune.FinetuneOptions`, one to one.
+
+Ctrl-C exits with 130 and says which checkpoint ``--resume`` continues from (one is written after every epoch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import render
+from .common import PROG, Subparsers, add_model_arguments, add_patch_options, input_size, patch_kwargs, positive_int
+
+NAME = "finetune"
+INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
+
+
+def add_parser(sub: Subparsers) -> None:
+    from ..finetune.options import AMP_CHOICES, EMBEDDED_DATA, SCHEDULES
+
+    p = sub.add_parser(
+        NAME,
+        help="load a checkpoint, patch it, fine-tune with GAAF, save weights for the unpatched model",
+        description="Fine-tune MODEL from --checkpoint with GAAF activations; the saved state_dict loads with "
+        "strict=True into the unpatched model. Under 'torchrun --nproc-per-node N' it trains with "
+        "DistributedDataParallel (--batch-size is per process).",
+    )
+    add_model_arguments(p)
+    add_patch_options(p)
+    p.add_argument("--no-patch", action="store_true", help="train unpatched (the baseline to compare GAAF with)")
+    d = p.add_argument_group("data")
+    d.add_argument(
+        "--data", default="digits", metavar="DIR|" + "|".join(EMBEDDED_DATA),
+        help="an image-folder tree (DIR/train + DIR/val, or class folders), digits (bundled, the default) or mnist",
+    )  # fmt: skip
+    d.add_argument("--data-dir", metavar="DIR", help="where MNIST is (default $GAAF_DATA_DIR)")
+    d.add_argument("--download", action="store_true", help="download MNIST when it is not there")
+    d.add_argument("--input-size", type=input_size, metavar="C,H,W", help="model input (default: the model's)")
+    d.add_argument("--workers", type=int, default=4, help="image-folder loader processes (default 4)")
+    t = p.add_argument_group("training")
+    t.add_argument("--epochs", type=positive_int, default=3, help="total epochs, also when resuming (default 3)")
+    t.add_argument("--batch-size", type=positive_int, default=64, help="per process (default 64)")
+    t.add_argument("--lr", type=float, default=0.01, help="learning rate (default 0.01; see docs/finetune.md)")
+    t.add_argument(
+        "--opt", default="sgd", help="timm optimizer name: sgd (Nesterov momentum), adamw, ... (default sgd)"
+    )
+    t.add_argument("--momentum", type=float, default=0.9, help="(default 0.9)")
+    t.add_argument("--weight-decay", type=float, default=0.0, help="(default 0)")
+    t.add_argument("--sched", choices=SCHEDULES, default="cosine", help="per-step learning-rate schedule")
+    t.add_argument(
+        "--amp", nargs="?", const="auto", choices=AMP_CHOICES,
+        help="mixed precision: bf16 on the CPU; on CUDA bf16 where supported, else fp16 with loss scaling",
+    )  # fmt: skip
+    t.add_argument("--compile", action="store_true", help="torch.compile the patched model (Inductor)")
+    t.add_argument("--seed", type=int, default=0, help="(default 0)")
+    t.add_argument("--device", default="auto", help="auto (CUDA when visible), cpu, cuda")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", metavar="PATH", help="checkpoint written after every epoch (default MODEL-gaaf.pt)")
+    o.add_argument("--resume", metavar="PATH", help="continue from a checkpoint this command wrote")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from ..finetune import FinetuneOptions, finetune
+
+    opts = FinetuneOptions(
+        model=args.model, data=args.data, checkpoint=args.checkpoint, num_classes=args.num_classes,
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, opt=args.opt, momentum=args.momentum,
+        weight_decay=args.weight_decay, sched=args.sched, input_size=args.input_size, data_dir=args.data_dir,
+        download=args.download, workers=args.workers, amp=args.amp, compile=args.compile,
+        patch=None if args.no_patch else patch_kwargs(args), out=args.out, resume=args.resume, seed=args.seed,
+        device=args.device,
+    )  # fmt: skip
+    console = Console(highlight=False)
+    try:
+        result = finetune(opts, console)
+    except KeyboardInterrupt:
+        out = opts.out_path
+        where = f"; the last checkpoint is {out}: continue with --resume {out}" if out.is_file() else ""
+        print(f"{PROG}: interrupted{where}", file=sys.stderr)
+        return INTERRUPTED
+    if result.out is None:
+        return 0
+    render.print_deployment(console, args.model, str(result.out), result.deploy)
+    return 0 if result.ok else 1
