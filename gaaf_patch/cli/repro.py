@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import GaafError, one_line
+from ..errors import one_line
 from .common import Subparsers, UsageError, positive_float, positive_int
 
 NAME = "repro"
@@ -98,12 +98,6 @@ def run(args: argparse.Namespace) -> int:
     study = _depth if args.study == "depth" else _mnist
     try:
         results, path = study(args, console)
-    except GaafError:
-        raise
-    except ValueError as e:
-        # gaaf_patch.repro checks its options, an existing --out and a --resume against the saved setup with plain
-        # ValueErrors: they are the user's to fix. (A GaafError subclass there would make this clause unnecessary.)
-        raise UsageError(one_line(e)) from e
     except OSError as e:
         raise UsageError(f"{one_line(e)}; check --out and --data-dir") from e
     figures = ", ".join(results["figures"]) or f"none ({results.get('figures_skipped', 'no finished run')})"

@@ -70,7 +70,7 @@ from .depth_setup import (
     with_overrides,
 )
 from .study import Reporter
-from .train import Data
+from .train import Data, StudyError
 
 __all__ = [
     "MODELS",
@@ -132,7 +132,7 @@ def _pretrained(cfg: DepthConfig, name: str, seed: int, data: Data, results: dic
         reporter.run_end(label, seed, res)
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if ckpt.get("setup") != cfg.setup():
-        raise ValueError(f"{path} was made with another setup; remove it or use another --out")
+        raise StudyError(f"{path} was made with another setup; remove it or use another --out")
     return ckpt["state_dict"]
 
 
@@ -184,7 +184,7 @@ def run_study(cfg: DepthConfig, reporter: Reporter | None = None) -> dict[str, A
     elif cfg.resume:  # checked before the data load: a refused resume fails at once
         results = study.load_resumable(path, "depth", VERSION, cfg.setup())
     else:
-        raise ValueError(f"{path} exists; pass --resume to continue that study, or choose another --out")
+        raise StudyError(f"{path} exists; pass --resume to continue that study, or choose another --out")
     reporter = reporter or Reporter()
     for k, chosen in (("models", cfg.models), ("regimes", cfg.regimes), ("variants", cfg.variants)):
         results[k] = list(dict.fromkeys([*results.get(k, []), *chosen]))

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from .. import data as _data
 from .depth_setup import Sizing
-from .train import Data
+from .train import Data, StudyError
 
 __all__ = ["load_data", "only_classes"]
 
@@ -28,7 +28,7 @@ def load_data(sizing: Sizing, data_dir: str | None = None) -> tuple[Data, dict[s
     if sizing.data == "mnist":
         tr, te = _data.mnist(data_dir, train=True), _data.mnist(data_dir, train=False)
         if sizing.train + sizing.val > len(tr):
-            raise ValueError(f"train {sizing.train} + validation {sizing.val} exceed MNIST's {len(tr)} images")
+            raise StudyError(f"train {sizing.train} + validation {sizing.val} exceed MNIST's {len(tr)} images")
         parts = [tr.images[: sizing.train], tr.labels[: sizing.train], tr.images[-sizing.val :],
                  tr.labels[-sizing.val :], te.images[: sizing.test], te.labels[: sizing.test]]  # fmt: skip
     else:

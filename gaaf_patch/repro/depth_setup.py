@@ -14,6 +14,7 @@ from typing import Any
 from torch import nn
 
 from ..api import patch
+from .train import StudyError
 
 __all__ = [
     "MODELS",
@@ -123,10 +124,10 @@ class DepthConfig:
                                    ("regime", self.regimes, REGIMES)):  # fmt: skip
             unknown = [g for g in given if g not in known]
             if unknown or not given:
-                raise ValueError(f"unknown {what}(s) {', '.join(unknown) or '(none given)'}; choose from "
+                raise StudyError(f"unknown {what}(s) {', '.join(unknown) or '(none given)'}; choose from "
                                  f"{', '.join(known)}")  # fmt: skip
         if self.seeds < 1:
-            raise ValueError("--seeds must be at least 1")
+            raise StudyError("--seeds must be at least 1")
 
     def setup(self) -> dict[str, Any]:
         """What a result depends on besides (model, regime, variant, seed): a resumed study must have the same."""

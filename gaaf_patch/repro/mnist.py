@@ -29,7 +29,7 @@ from . import study
 from .models import MODELS, PAPER, PAPER_GRADIENT_INFO, build, calibrate_at_init
 from .noisy import NoisyHardTanh
 from .study import Reporter, stats
-from .train import Data, TrainConfig, train
+from .train import Data, StudyError, TrainConfig, train
 
 __all__ = ["StudyConfig", "Reporter", "run_study", "load_data", "summarize", "write_figures", "RESULTS", "QUICK"]
 
@@ -60,9 +60,9 @@ class StudyConfig:
         self.out = Path(self.out)
         unknown = [m for m in self.models if m not in MODELS]
         if unknown:
-            raise ValueError(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
+            raise StudyError(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
         if self.seeds < 1:
-            raise ValueError("--seeds must be at least 1")
+            raise StudyError("--seeds must be at least 1")
 
     def setup(self) -> dict[str, Any]:
         """What a result depends on besides model and seed: a resumed study must have the same."""
@@ -79,7 +79,7 @@ def load_data(cfg: StudyConfig) -> Data:
     te = _data.mnist(cfg.data_dir, train=False)
     x, y = tr.images.flatten(1), tr.labels
     if not 0 < cfg.val_size < len(y):
-        raise ValueError(f"validation size {cfg.val_size} must be between 1 and {len(y) - 1}")
+        raise StudyError(f"validation size {cfg.val_size} must be between 1 and {len(y) - 1}")
     cut = len(y) - cfg.val_size
     parts = [x[:cut], y[:cut], x[cut:], y[cut:], te.images.flatten(1), te.labels]
     if cfg.subset:
@@ -223,7 +223,7 @@ def run_study(cfg: StudyConfig, reporter: Reporter | None = None) -> dict[str, A
     path = cfg.out / RESULTS
     setup = cfg.setup()
     if path.exists() and not cfg.resume:
-        raise ValueError(f"{path} exists; pass --resume to continue that study, or choose another --out")
+        raise StudyError(f"{path} exists; pass --resume to continue that study, or choose another --out")
     if path.exists():  # checked before the data load: a refused resume fails at once
         results = study.load_resumable(path, "mnist", VERSION, setup)
         results["models"] = list(dict.fromkeys([*results["models"], *cfg.models]))

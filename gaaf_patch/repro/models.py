@@ -19,6 +19,7 @@ from ..analysis.variance import net_variance
 from ..api import patch
 from ..calibrate import calibrate_from, calibrated_shapes
 from .noisy import NoisyHardTanh
+from .train import StudyError
 
 __all__ = [
     "ModelSpec",
@@ -122,5 +123,5 @@ def calibrate_at_init(model: nn.Module, x_train: Tensor, seed: int) -> dict[str,
 
 def build(name: str) -> nn.Module:
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+        raise StudyError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
     return MODELS[name].build()

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .train import EpochLog
+from .train import EpochLog, StudyError
 
 __all__ = ["Reporter", "device", "environment", "git_commit", "stats", "save", "load_resumable"]
 
@@ -40,7 +40,7 @@ def device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available")
+        raise StudyError("--device cuda: no CUDA device is available")
     return dev
 
 
@@ -103,13 +103,13 @@ def load_resumable(path: Path, study: str, version: int, setup: dict[str, Any]) 
     try:
         old = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise ValueError(f"cannot resume from {path}: {e}") from e
+        raise StudyError(f"cannot resume from {path}: {e}") from e
     if not isinstance(old, dict) or (old.get("study"), old.get("version")) != (study, version):
-        raise ValueError(f"{path} is not a results file of the {study} study (version {version}); use another --out")
+        raise StudyError(f"{path} is not a results file of the {study} study (version {version}); use another --out")
     before = old.get("setup")
     before = before if isinstance(before, dict) else {}
     differ = sorted(k for k in {*setup, *before} if before.get(k) != setup.get(k))
     if differ:
-        raise ValueError(f"cannot resume {path}: it was run with different {', '.join(differ)}; use the same flags "
+        raise StudyError(f"cannot resume {path}: it was run with different {', '.join(differ)}; use the same flags "
                          "or another --out")  # fmt: skip
     return old

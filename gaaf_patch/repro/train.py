@@ -22,8 +22,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..analysis import GradientInfo
+from ..errors import GaafError
 
-__all__ = ["TrainConfig", "Data", "train", "evaluate", "EpochLog"]
+__all__ = ["TrainConfig", "Data", "train", "evaluate", "EpochLog", "StudyError"]
+
+
+class StudyError(GaafError, ValueError):
+    """A study option, data size, ``--out`` or ``--resume`` the user has to change; the message says how."""
 
 
 @dataclass(frozen=True)
@@ -37,9 +42,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or not 0 <= self.momentum < 1:
-            raise ValueError(f"need lr > 0 and 0 <= momentum < 1, got lr={self.lr}, momentum={self.momentum}")
+            raise StudyError(f"need lr > 0 and 0 <= momentum < 1, got lr={self.lr}, momentum={self.momentum}")
         if self.batch_size < 1 or self.max_epochs < 1 or self.patience < 1:
-            raise ValueError("batch size, max epochs and patience must be positive")
+            raise StudyError("batch size, max epochs and patience must be positive")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
