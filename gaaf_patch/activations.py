@@ -1,10 +1,16 @@
-"""The activations gaaf-patch knows: their function, their derivative, and what backward must keep.
+"""The activations gaaf-patch knows: one :class:`Activation` record each in :data:`ACTIVATIONS`, the one place.
 
-Each :class:`Activation` pairs ``phi`` (the very torch function the original model calls, so that exact mode is
-bit-identical) with ``dphi``, its derivative written as one pointwise expression, and says whether ``phi`` can be
-inverted from its output. Invertible activations (tanh, sigmoid) save only their output for backward, as PyTorch
-itself does; the others save their input, because every shape function of the ReLU family needs ``x`` on the
-negative side, where the output is zero.
+Everything the rest of the package knows about an activation is read off its record: the op (:mod:`gaaf_patch.ops`:
+derivative, what backward saves, PyTorch's backward kernel, the fused kernel's codes), the default shape
+(:mod:`gaaf_patch.shapes.library`), the kinks the dropout-matched shapes integrate across, the aten operators and
+module class names the coverage audits and the patch's warnings recognise. Adding an activation is one entry here
+(plus its tests; ``passes/targets.py`` lists how models call it, when the patch must find it in models).
+
+Each record pairs ``phi`` (the very torch function the original model calls, so that exact mode is bit-identical)
+with ``dphi``, its derivative written as one pointwise expression, and says whether ``phi`` can be inverted from its
+output. Invertible activations (tanh, sigmoid) save only their output for backward, as PyTorch itself does; the
+others save their input, because every shape function of the ReLU family needs ``x`` on the negative side, where the
+output is zero.
 
 Derivatives follow PyTorch's conventions at kinks (``relu'(0) = 0``, ``hardtanh'`` is 0 at both ends, ...), so a
 GAAF site whose shape is zero everywhere has exactly PyTorch's gradient.
@@ -13,8 +19,9 @@ GAAF site whose shape is zero everywhere has exactly PyTorch's gradient.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
 import torch
@@ -28,22 +35,58 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 @dataclass(frozen=True)
 class Activation:
-    """One activation function: ``phi``, its derivative and the parameters it takes.
+    """One activation function and every fact gaaf-patch needs about it: one entry of :data:`ACTIVATIONS`.
 
-    ``phi(x, **params)`` and ``dphi(x, y, **params)`` (``y = phi(x)``) must be pointwise. ``inverse`` recovers ``x``
-    from ``y`` for activations that save only their output.
+    ``phi(x, **params)`` and ``dphi(x, y, **params)`` (``y = phi(x)``) must be pointwise. The rest, by who reads it:
+
+    - ``shape``: the default shape, ``(family, params)`` (registered under the activation's name by
+      :mod:`gaaf_patch.shapes.library`).
+    - ``defaults``: the parameters ``phi`` takes, with their defaults.
+    - ``inverse``: recovers ``x`` from ``y``. Given, backward saves the output (as PyTorch does for tanh and
+      sigmoid), else the input (:attr:`saves_output`). ``exact_inverse``: the same without the clamp that keeps
+      ``x`` finite, used with shapes that are 0 at +-inf (the exact saturation ``y = +-1`` of tanh is ``x = +-inf``).
+    - ``slope``: ``phi'`` in the linear regime, what the auto gain blends toward (:mod:`gaaf_patch.gain`).
+    - ``gate_like``: sigmoid-shaped; in "auto" mode a site whose output multiplies a tensor is a gate, left alone.
+    - ``native(dy, t, params)``: PyTorch's own fused backward kernel, ``dy phi'(x)`` from what backward saved ``t``
+      (:mod:`gaaf_patch.ops`). None: the generic ``dy dphi`` is used.
+    - ``dphi_from_output(params)``: whether ``native`` given the output equals ``native`` given the input (the
+      output's sign or range is the input's), so a site after a fused BatchNorm may keep its output
+      (:mod:`gaaf_patch.fused`).
+    - ``kinks(params)``: where ``phi'`` or ``phi''`` jumps: the dropout-matched shapes' quadrature splits there
+      (:mod:`gaaf_patch.shapes.quadrature`).
+    - ``kernel_x``, ``kernel_y``: the fused CPU kernel's code (``act`` in ``csrc/gaaf_cpu.cpp``) computing ``phi'``
+      itself from the input or from the output. None: the kernel adds the shape to ``native``'s result.
+    - ``aten_ops``: the aten operators (in-place ``_`` dropped) that count as this activation in coverage audits
+      (:mod:`gaaf_patch.coverage.count`).
+    - ``class_names``: endings of module class names (case-insensitive regular expressions; timm's ``Me`` suffix is
+      allowed after them) that look like this activation (:mod:`gaaf_patch.passes.context`).
     """
 
     name: str
     phi: Callable[..., Tensor]
     dphi: Callable[..., Tensor]
+    _: KW_ONLY
+    shape: tuple[str, Mapping[str, float]]
     defaults: Mapping[str, Any] = field(default_factory=dict)
     inverse: Callable[[Tensor], Tensor] | None = None
-    gate_like: bool = False  # sigmoid-shaped: in "auto" mode, a site whose output multiplies a tensor is a gate
-    slope: float = 1.0  # phi' where the unit is not saturated (its linear regime): what the "auto" gain blends toward
+    exact_inverse: Callable[[Tensor], Tensor] | None = None
+    slope: float = 1.0
+    gate_like: bool = False
+    native: Callable[[Tensor, Tensor, Mapping[str, Any]], Tensor] | None = None
+    dphi_from_output: Callable[[Mapping[str, Any]], bool] | None = None
+    kinks: Callable[[Mapping[str, Any]], tuple[float, ...]] = lambda p: ()
+    kernel_x: int | None = None
+    kernel_y: int | None = None
+    aten_ops: tuple[str, ...] = ()
+    class_names: tuple[str, ...] = ()
 
     def __reduce__(self):
         return (get, (self.name,))  # by name: the table holds lambdas, which do not pickle
+
+    @property
+    def saves_output(self) -> bool:
+        """Whether GAAF's backward keeps the output (inverted when ``x`` is needed) instead of the input."""
+        return self.inverse is not None
 
     def params(self, given: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Defaults completed with ``given``; rejects names the activation does not take."""
@@ -52,6 +95,10 @@ class Activation:
         if unknown:
             raise ValueError(f"{self.name} takes no parameter {sorted(unknown)}; it takes {sorted(self.defaults)}")
         return {**self.defaults, **given}
+
+    def output_determines_dphi(self, params: Mapping[str, Any]) -> bool:
+        """Whether ``dy phi'(x)`` can be computed from the output alone (see ``dphi_from_output``)."""
+        return self.dphi_from_output is not None and self.dphi_from_output(params)
 
 
 def _where(cond: Tensor, a: Tensor | float, b: Tensor | float) -> Tensor:
@@ -149,27 +196,107 @@ def _logit_clamped(y: Tensor) -> Tensor:
     return torch.logit(y, eps=eps)
 
 
+# Default shapes (gaaf_patch.shapes.library has the families). The paper's: tanh's gauss(width=4) and ReLU's
+# shifted_sigmoid(slope=5, shift=0.5) (Hahn & Choi, Figure 4). Every other default is ours, by the paper's principle:
+# gradient where a small noise on the net would move the output, none in the far saturation.
+_RELU_LIKE = ("shifted_sigmoid", {"slope": 5.0, "shift": 0.5})
+_aten = torch.ops.aten
+
+# The fused kernel's phi' codes (`act` in csrc/gaaf_cpu.cpp): from the input or from the output.
+_K_TANH_Y, _K_SIGMOID_Y, _K_RELU, _K_TANH_X, _K_SIGMOID_X = 0, 1, 2, 4, 5
+
 ACTIVATIONS: dict[str, Activation] = {
     a.name: a
     for a in [
-        Activation("relu", lambda x: torch.relu(x), _relu_d),
-        Activation("relu6", lambda x: F.relu6(x), lambda x, y: _hardtanh_d(x, y, 0.0, 6.0)),
-        Activation("leaky_relu", F.leaky_relu, _leaky_d, {"negative_slope": 0.01}),
-        Activation("elu", F.elu, _elu_d, {"alpha": 1.0}),
-        Activation("selu", lambda x: F.selu(x), _selu_d, slope=_SELU_SCALE),
-        Activation("celu", F.celu, _celu_d, {"alpha": 1.0}),
-        Activation("gelu", F.gelu, _gelu_d, {"approximate": "none"}),
-        Activation("silu", lambda x: F.silu(x), _silu_d),
-        Activation("quick_gelu", _quick_gelu, _quick_gelu_d),
-        Activation("mish", lambda x: F.mish(x), _mish_d),
-        Activation("softplus", F.softplus, _softplus_d, {"beta": 1.0, "threshold": 20.0}),
-        Activation("tanh", torch.tanh, _tanh_d, inverse=_atanh_clamped),
-        Activation("hardtanh", F.hardtanh, _hardtanh_d, {"min_val": -1.0, "max_val": 1.0}),
-        Activation("sigmoid", torch.sigmoid, _sigmoid_d, inverse=_logit_clamped, gate_like=True, slope=0.25),
-        Activation("hardsigmoid", lambda x: F.hardsigmoid(x), _hardsigmoid_d, gate_like=True, slope=1.0 / 6.0),
-        Activation("hardswish", lambda x: F.hardswish(x), _hardswish_d),
+        Activation(
+            "relu", lambda x: torch.relu(x), _relu_d, shape=_RELU_LIKE, kinks=lambda p: (0.0,),
+            native=lambda g, t, p: _aten.threshold_backward(g, t, 0), dphi_from_output=lambda p: True,
+            kernel_x=_K_RELU, aten_ops=("relu",), class_names=("relu",),
+        ),
+        Activation(
+            "relu6", lambda x: F.relu6(x), lambda x, y: _hardtanh_d(x, y, 0.0, 6.0),
+            shape=("band", {"lo": 0.0, "hi": 6.0}), kinks=lambda p: (0.0, 6.0),
+            native=lambda g, t, p: _aten.hardtanh_backward(g, t, 0.0, 6.0), dphi_from_output=lambda p: True,
+            aten_ops=("relu6",), class_names=(r"relu\d+",),  # ReLU6 and other capped ReLUs
+        ),
+        Activation(
+            "leaky_relu", F.leaky_relu, _leaky_d, shape=_RELU_LIKE, defaults={"negative_slope": 0.01},
+            kinks=lambda p: (0.0,),
+            native=lambda g, t, p: _aten.leaky_relu_backward(g, t, p["negative_slope"], False),
+            dphi_from_output=lambda p: p["negative_slope"] > 0,  # a positive slope keeps the sign
+            aten_ops=("leaky_relu",), class_names=("leakyrelu",),
+        ),
+        Activation(
+            "elu", F.elu, _elu_d, shape=_RELU_LIKE, defaults={"alpha": 1.0}, kinks=lambda p: (0.0,),
+            native=lambda g, t, p: _aten.elu_backward(g, p["alpha"], 1.0, 1.0, False, t),
+            aten_ops=("elu",), class_names=("elu",),
+        ),
+        Activation(
+            "selu", lambda x: F.selu(x), _selu_d, shape=_RELU_LIKE, slope=_SELU_SCALE, kinks=lambda p: (0.0,),
+            native=lambda g, t, p: _aten.elu_backward(g, _SELU_ALPHA, _SELU_SCALE, 1.0, False, t),
+            aten_ops=("selu",), class_names=("selu",),  # selu runs as aten.elu, except in inference mode
+        ),
+        Activation(
+            "celu", F.celu, _celu_d, shape=_RELU_LIKE, defaults={"alpha": 1.0}, kinks=lambda p: (0.0,),
+            native=lambda g, t, p: _aten.elu_backward(g, p["alpha"], 1.0, 1.0 / p["alpha"], False, t),
+            aten_ops=("celu",), class_names=("celu",),
+        ),
+        Activation(
+            "gelu", F.gelu, _gelu_d, shape=_RELU_LIKE, defaults={"approximate": "none"},
+            # PyTorch's tanh-approximate gelu_backward cancels badly in float32 for x < -4 (1e-6 off); ours does not
+            native=lambda g, t, p: (
+                _aten.gelu_backward(g, t) if p["approximate"] == "none" else _gelu_d(t, None, **p).mul_(g)
+            ),
+            aten_ops=("gelu",), class_names=("gelu", "gelutanh"),
+        ),
+        Activation(
+            "silu", lambda x: F.silu(x), _silu_d, shape=_RELU_LIKE,
+            native=lambda g, t, p: _aten.silu_backward(g, t), aten_ops=("silu",), class_names=("silu", "swish"),
+        ),
+        Activation(
+            "quick_gelu", _quick_gelu, _quick_gelu_d, shape=_RELU_LIKE,  # no PyTorch kernel of its own: mul, sigmoid
+            class_names=("quickgelu",),
+        ),
+        Activation(
+            "mish", lambda x: F.mish(x), _mish_d, shape=_RELU_LIKE,
+            native=lambda g, t, p: _aten.mish_backward(g, t), aten_ops=("mish",), class_names=("mish",),
+        ),
+        Activation(
+            "softplus", F.softplus, _softplus_d, shape=_RELU_LIKE, defaults={"beta": 1.0, "threshold": 20.0},
+            native=lambda g, t, p: _aten.softplus_backward(g, t, p["beta"], p["threshold"]),
+            aten_ops=("softplus",), class_names=("softplus",),
+        ),
+        Activation(
+            "tanh", torch.tanh, _tanh_d, shape=("gauss", {"width": 4.0}), inverse=_atanh_clamped,
+            exact_inverse=torch.atanh, native=lambda g, t, p: _aten.tanh_backward(g, t),
+            kernel_x=_K_TANH_X, kernel_y=_K_TANH_Y, aten_ops=("tanh",), class_names=("tanh",),
+        ),
+        Activation(
+            "hardtanh", F.hardtanh, _hardtanh_d, shape=("gauss", {"width": 4.0}),
+            defaults={"min_val": -1.0, "max_val": 1.0}, kinks=lambda p: (float(p["min_val"]), float(p["max_val"])),
+            native=lambda g, t, p: _aten.hardtanh_backward(g, t, p["min_val"], p["max_val"]),
+            aten_ops=("hardtanh",), class_names=("hardtanh",),
+        ),
+        Activation(
+            "sigmoid", torch.sigmoid, _sigmoid_d, inverse=_logit_clamped, gate_like=True, slope=0.25,
+            shape=("gauss", {"scale": 2.0, "height": 0.25}),  # sigmoid(x) = (1 + tanh(x/2)) / 2
+            native=lambda g, t, p: _aten.sigmoid_backward(g, t),
+            kernel_x=_K_SIGMOID_X, kernel_y=_K_SIGMOID_Y, aten_ops=("sigmoid",), class_names=("sigmoid",),
+        ),
+        Activation(
+            "hardsigmoid", lambda x: F.hardsigmoid(x), _hardsigmoid_d, gate_like=True, slope=1.0 / 6.0,
+            shape=("gauss", {"scale": 3.0, "height": 1.0 / 6.0}), kinks=lambda p: (-3.0, 3.0),
+            native=lambda g, t, p: _aten.hardsigmoid_backward(g, t),
+            aten_ops=("hardsigmoid",), class_names=("hardsigmoid",),
+        ),
+        Activation(
+            "hardswish", lambda x: F.hardswish(x), _hardswish_d, kinks=lambda p: (-3.0, 3.0),
+            shape=("shifted_sigmoid", {"slope": 5.0, "shift": 3.5}),  # saturates below x = -3
+            native=lambda g, t, p: _aten.hardswish_backward(g, t),
+            aten_ops=("hardswish",), class_names=("hardswish",),
+        ),
     ]
-}
+}  # fmt: skip
 
 
 def get(name: str) -> Activation:
@@ -178,3 +305,9 @@ def get(name: str) -> Activation:
         return ACTIVATIONS[name]
     except KeyError:
         raise KeyError(f"unknown activation {name!r}; known: {', '.join(sorted(ACTIVATIONS))}") from None
+
+
+def class_name_pattern() -> re.Pattern[str]:
+    """What a module class called like an activation matches: any entry's ``class_names`` at the end of the name."""
+    endings = sorted({c for a in ACTIVATIONS.values() for c in a.class_names})
+    return re.compile(rf"(?i)({'|'.join(endings)})(me)?$")

@@ -14,7 +14,8 @@ site to the matching class here (same parameters, buffers and ``state_dict``; ``
 training forward is the same ``_batch_norm_impl_index`` call ``F.batch_norm`` makes (bit-identical output, running
 statistics updated the same way) inside :class:`BatchNormFunction`, whose backward is PyTorch's own
 ``_batch_norm_impl_index_backward``. :class:`gaaf_patch.ops.GAAFFunction` sees that its input came from such a node
-(:func:`source_of`) and then saves its output instead of its input: ``phi'`` is read off the output exactly as
+(:func:`source_of`; ops tells it which of its own nodes kept their output, so this module imports nothing of ops)
+and then saves its output instead of its input: ``phi'`` is read off the output exactly as
 PyTorch's ReLU does, and ``s(x)`` is evaluated on the recomputed ``x`` (equal to the forward's to a rounding).
 
 Eval mode, ``torch.compile`` (Inductor's partitioner decides what to recompute) and fx tracing take the stock
@@ -22,6 +23,9 @@ BatchNorm path.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, fx, nn
@@ -64,11 +68,12 @@ def _memory_format(t: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def source_of(x: Tensor) -> tuple | None:
+def source_of(x: Tensor, keeps_output: Callable[[Any], bool]) -> tuple | None:
     """How to recompute ``x`` in backward from what other nodes keep anyway, or None (always None under Dynamo).
 
     ``(bn,)``: ``x`` is a :class:`BatchNormFunction` output. ``(a, b)``: ``x = a + b`` (a residual add, ``alpha``
-    1, no broadcasting) where each operand is such an output, or the output of a GAAF site that kept its output.
+    1, no broadcasting) where each operand is such an output, or the output of a node for which ``keeps_output``
+    holds: a GAAF site that saved its output as its one tensor.
     """
     if _compiling():
         return None
@@ -77,7 +82,7 @@ def source_of(x: Tensor) -> tuple | None:
         return (fn,)
     if type(fn).__name__ == "AddBackward0" and fn._saved_alpha == 1:
         nodes = tuple(n for n, _ in fn.next_functions)
-        if len(nodes) == 2 and all(_operand_shape(n) == x.shape for n in nodes):
+        if len(nodes) == 2 and all(_operand_shape(n, keeps_output) == x.shape for n in nodes):
             return nodes
     return None
 
@@ -85,14 +90,8 @@ def source_of(x: Tensor) -> tuple | None:
 _BN_NODE = BatchNormFunction._backward_cls
 
 
-def _gaaf_node(node) -> bool:
-    from .ops import GAAFFunction  # ops imports this module
-
-    return isinstance(node, GAAFFunction._backward_cls) and (node.from_output or node.src is not None)
-
-
-def _operand_shape(node) -> torch.Size | None:
-    if isinstance(node, _BN_NODE) or _gaaf_node(node):
+def _operand_shape(node, keeps_output: Callable[[Any], bool]) -> torch.Size | None:
+    if isinstance(node, _BN_NODE) or keeps_output(node):
         return node.saved_tensors[0].shape
     return None
 

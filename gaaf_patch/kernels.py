@@ -13,6 +13,11 @@ Without a C++ compiler, or when the build fails, one warning is given and the pl
 the same to float rounding (tests/test_kernels.py), only slower.
 
 ``GAAF_KERNELS=off`` (or :func:`set_enabled`) turns it off; ``GAAF_KERNELS=on`` makes a failed build an error.
+
+The kernel's codes are facts of what they stand for: its ``act`` codes (``phi'`` from the input or the output) are
+``Activation.kernel_x`` and ``kernel_y`` in :mod:`gaaf_patch.activations`, its ``shape`` codes each family's
+``FastPath.kernel`` in :mod:`gaaf_patch.shapes.library`. Only :data:`GIVEN`, "``base`` already holds
+``dy phi'``", belongs to no activation.
 """
 
 from __future__ import annotations
@@ -31,7 +36,9 @@ import torch
 
 from .errors import GaafError
 
-__all__ = ["available", "enabled", "set_enabled", "build", "KernelBuildError"]
+__all__ = ["available", "enabled", "set_enabled", "build", "KernelBuildError", "GIVEN"]
+
+GIVEN = 3  # the `act` code for "base holds dy phi'(x) (PyTorch's kernel), t = x": only the shape term is added
 
 _SOURCE = Path(__file__).with_name("csrc") / "gaaf_cpu.cpp"
 

@@ -19,14 +19,19 @@ in place on one fresh buffer, then added by one ``addcmul_``. The built-in shape
 evaluation (``gauss`` through ``exp2``, about 3x cheaper than ``exp`` on CPU); any other shape is called as is. For
 tanh, 4 kernels are added to PyTorch's 1 (``atanh``, square, scale+``exp2``, ``addcmul``); for ReLU 4 (add, mul,
 ``sigmoid``, ``addcmul``). Everything is plain torch ops, traceable by Dynamo/AOTAutograd. With grad enabled in
-backward (``create_graph=True``) or for an activation that is not a registered one, the generic out-of-place
-``dy (phi'(x) + s(x))`` from :mod:`gaaf_patch.activations` is used.
+backward (``create_graph=True``) or for an activation without PyTorch kernel, the generic out-of-place
+``dy (phi'(x) + s(x))`` from :mod:`gaaf_patch.activations` is used. On CPU, the fused kernel
+(:mod:`gaaf_patch.kernels`) does the whole backward in one pass where it can.
+
+This module holds no fact of any activation or shape: PyTorch's kernel, what is saved, the kernel's codes are read
+off the activation's record (:mod:`gaaf_patch.activations`), the in-place forms and the kernel's codes of a shape
+off its family's :class:`~gaaf_patch.shapes.registry.FastPath` (:mod:`gaaf_patch.shapes.library`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
@@ -38,16 +43,12 @@ from . import gain as _gain
 from . import kernels as _kernels
 from .activations import Activation
 from .shapes import ShapeFn, resolve
-from .shapes import library as _lib
 
 Mode = Literal["exact", "sawtooth"]
 MODES = ("exact", "sawtooth")
 DEFAULT_K = 10_000.0
 
 __all__ = ["gaaf", "sawtooth", "GAAFFunction", "MODES", "DEFAULT_K"]
-
-_LOG2E = 1.0 / math.log(2.0)
-_aten = torch.ops.aten
 
 
 def _opmath(t: Tensor) -> Tensor:
@@ -61,90 +62,19 @@ def sawtooth(x: Tensor, K: float = DEFAULT_K) -> Tensor:
     return xk.sub_(torch.floor(xk)).sub_(0.5).div_(K)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# dy * phi'(x): PyTorch's own backward kernel of each built-in activation. ``t`` is what the Function saved: the
-# output for tanh and sigmoid, the input otherwise.
-
-_SELU_ALPHA = 1.6732632423543772848170429916717
-_SELU_SCALE = 1.0507009873554804934193349852946
-
-_NATIVE: dict[str, Callable[[Tensor, Tensor, Mapping[str, Any]], Tensor]] = {
-    "relu": lambda g, t, p: _aten.threshold_backward(g, t, 0),
-    "relu6": lambda g, t, p: _aten.hardtanh_backward(g, t, 0.0, 6.0),
-    "leaky_relu": lambda g, t, p: _aten.leaky_relu_backward(g, t, p["negative_slope"], False),
-    "elu": lambda g, t, p: _aten.elu_backward(g, p["alpha"], 1.0, 1.0, False, t),
-    "selu": lambda g, t, p: _aten.elu_backward(g, _SELU_ALPHA, _SELU_SCALE, 1.0, False, t),
-    "celu": lambda g, t, p: _aten.elu_backward(g, p["alpha"], 1.0, 1.0 / p["alpha"], False, t),
-    # PyTorch's tanh-approximate gelu_backward cancels badly in float32 for x < -4 (1e-6 off); the library's is not
-    "gelu": lambda g, t, p: (
-        _aten.gelu_backward(g, t)
-        if p["approximate"] == "none"
-        else _acts.ACTIVATIONS["gelu"].dphi(t, None, **p).mul_(g)
-    ),
-    "silu": lambda g, t, p: _aten.silu_backward(g, t),
-    "mish": lambda g, t, p: _aten.mish_backward(g, t),
-    "softplus": lambda g, t, p: _aten.softplus_backward(g, t, p["beta"], p["threshold"]),
-    "tanh": lambda g, t, p: _aten.tanh_backward(g, t),
-    "hardtanh": lambda g, t, p: _aten.hardtanh_backward(g, t, p["min_val"], p["max_val"]),
-    "sigmoid": lambda g, t, p: _aten.sigmoid_backward(g, t),
-    "hardsigmoid": lambda g, t, p: _aten.hardsigmoid_backward(g, t),
-    "hardswish": lambda g, t, p: _aten.hardswish_backward(g, t),
-}
-
-
-def _native(act: Activation) -> Callable[[Tensor, Tensor, Mapping[str, Any]], Tensor] | None:
-    """The fused ``dy phi'`` of a registered activation (not of a look-alike someone built by hand)."""
-    return _NATIVE.get(act.name) if _acts.ACTIVATIONS.get(act.name) is act else None
-
-
-# Activations whose phi' the output determines exactly (sign or range of y = sign or range of x), with PyTorch's
-# convention at the kinks: their native backward, given the output, equals the one given the input.
-_OUTPUT_DETERMINES_DPHI = frozenset({"relu", "relu6", "leaky_relu"})
-
-
 def output_determines_dphi(act: Activation, params: Mapping[str, Any]) -> bool:
-    """Whether ``dy phi'(x)`` can be computed from the output alone (a positive leaky slope keeps the sign)."""
-    return act.name in _OUTPUT_DETERMINES_DPHI and params.get("negative_slope", 1.0) > 0
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# s(x) = h * s~(x): the built-in families evaluated in place on one buffer.
-
-
-def _is_gauss(shape: ShapeFn) -> bool:
-    return shape.fn is _lib.gauss and shape.params.get("width", 0) > 0
-
-
-def _scaled_square(z: Tensor, k: float, owned: bool) -> Tensor:
-    """``k z^2``: one pass on CPU (``addcmul(0, z, z, value=k)``, the 0 broadcast), into ``z`` when ``owned``.
-
-    The 0 is made here, not kept as a module constant: a real tensor would break tracing under fake tensors.
-    """
-    if z.device.type == "cpu":
-        zero = z.new_zeros(())
-        return torch.addcmul(zero, z, z, value=k, out=z) if owned else torch.addcmul(zero, z, z, value=k)
-    return (z.mul_(z) if owned else torch.mul(z, z)).mul_(k)
+    """Whether ``dy phi'(x)`` can be computed from the output alone (``Activation.dphi_from_output``)."""
+    return act.output_determines_dphi(params)
 
 
 def _shape_term(shape: ShapeFn, x: Tensor, owned: bool) -> tuple[Tensor | None, float]:
     """``(s~, h)`` with ``s(x) = h s~(x)``; ``s~`` is a fresh tensor, or None when ``s`` is zero.
 
-    ``owned``: ``x`` is a temporary of ours, and may be overwritten.
+    The family's in-place form (``ShapeFn.fast``) where it has one, else the shape called as is. ``owned``: ``x`` is
+    a temporary of ours, and may be overwritten.
     """
-    fn, p = shape.fn, shape.params
-    if fn is _lib.zero:
-        return None, 0.0
-    if _is_gauss(shape):
-        # exp(-((x - c) / scale)^2 / width) as exp2(k (x - c)^2), k = -log2(e) / (width scale^2): 2 passes (3 with a
-        # center) instead of 4-6; exp2 is also about 3x cheaper than exp on CPU. Same value to a few ulps.
-        z = x
-        if p["center"] != 0:
-            z, owned = (z.sub_(p["center"]) if owned else torch.sub(z, p["center"])), True
-        k = -_LOG2E / (p["width"] * p["scale"] * p["scale"])
-        return _scaled_square(z, k, owned).exp2_(), float(p["height"])
-    if fn is _lib.shifted_sigmoid:
-        z = x.add_(p["shift"]) if owned else torch.add(x, p["shift"])
-        return z.mul_(p["slope"]).sigmoid_(), float(p["height"])
+    if shape.fast is not None and shape.fast.term is not None:
+        return shape.fast.term(x, owned, shape.params)
     s = shape(x)
     if not isinstance(s, Tensor):
         s = torch.as_tensor(s, dtype=x.dtype, device=x.device)
@@ -157,7 +87,7 @@ def _x_y(t: Tensor, from_output: bool, act: Activation, params: Mapping[str, Any
     """``(x, y)`` from what was saved (opmath dtype): the output through the inverse, or the input."""
     if from_output:
         return act.inverse(t), t
-    return t, (act.phi(t, **params) if act.inverse is not None else None)
+    return t, (act.phi(t, **params) if act.saves_output else None)
 
 
 def _multiplier(
@@ -190,9 +120,7 @@ def _blend_coefficient(
     return _gain.coefficient(dphi, s.mul_(dphi.neg().add_(act.slope)), delta)
 
 
-# The fused C++ kernel (gaaf_patch.kernels): its codes for phi' and for the shape family.
-_K_TANH_Y, _K_SIGMOID_Y, _K_RELU, _K_GIVEN, _K_TANH_X, _K_SIGMOID_X = 0, 1, 2, 3, 4, 5
-_K_GAUSS, _K_SHIFTED_SIGMOID, _K_BAND = 0, 1, 2
+# The fused C++ kernel (gaaf_patch.kernels); the phi' codes are the activations', the shape codes the families'.
 _KERNEL_DTYPES = (torch.float32, torch.float64)
 _KERNEL_OP: list[Any] = []  # torch.ops.gaaf_patch.backward.default, once built
 # (id(act), id(shape), from_output, x given) -> (act, shape, plan): what to call, worked out once per site kind. The
@@ -204,26 +132,17 @@ _PLANS_MAX = 1024
 
 def _kernel_plan(act: Activation, shape: ShapeFn, from_output: bool, given_x: bool) -> tuple | None:
     """``(phi' code, shape code, a, b, c, h, PyTorch's dy*phi' first?)`` for the kernel, or None (plain ops)."""
-    native, p = _native(act), shape.params
-    if native is None:
+    kernel = shape.fast.kernel if shape.fast is not None else None
+    if act.native is None or kernel is None:
         return None
-    if _is_gauss(shape):
-        k = -_LOG2E / (p["width"] * p["scale"] * p["scale"])
-        fam = (_K_GAUSS, k, float(p["center"]), 0.0, float(p["height"]))
-    elif shape.fn is _lib.shifted_sigmoid:
-        fam = (_K_SHIFTED_SIGMOID, float(p["slope"]), float(p["shift"]), 0.0, float(p["height"]))
-    elif shape.fn is _lib.band:
-        fam = (_K_BAND, float(p["slope"]), float(p["lo"] - p["margin"]), float(p["hi"] + p["margin"]), 1.0)
-    else:
+    fam = kernel(shape.params)
+    t_is_output = from_output and not given_x  # else t = x: saved (input), or recomputed after a fused BatchNorm
+    code = act.kernel_y if t_is_output else act.kernel_x
+    if code is not None:  # the kernel computes phi' itself
+        return (code, *fam, False)
+    if t_is_output:
         return None
-    if act.name == "relu" and (given_x or not from_output):
-        return (_K_RELU, *fam, False)  # t = x: phi' = [x > 0], as threshold_backward
-    if act.name in ("tanh", "sigmoid") and not given_x:  # the output saved (exact mode) or the input (sawtooth)
-        codes = {(True, "tanh"): _K_TANH_Y, (True, "sigmoid"): _K_SIGMOID_Y}
-        return (codes.get((from_output, act.name), _K_TANH_X if act.name == "tanh" else _K_SIGMOID_X), *fam, False)
-    if from_output and not given_x:
-        return None
-    return (_K_GIVEN, *fam, True)
+    return (_kernels.GIVEN, *fam, True)
 
 
 def _kernel_backward(
@@ -239,9 +158,10 @@ def _kernel_backward(
     """The whole backward in one fused CPU pass (two for activations with their own PyTorch kernel), or None.
 
     None (use the plain ops) off the CPU, for half types, under tracing (fake or functional tensors, Dynamo), in
-    double backward, for shapes other than the gauss, shifted-sigmoid and band families, or when the kernel is off
-    or cannot be built. ``delta``: the auto gain, whose coefficient the kernel works out itself (from a sample of
-    what it reads) except for activations with their own PyTorch kernel, where it is computed here.
+    double backward, for shapes whose family has no kernel code (``FastPath.kernel``: gauss, shifted-sigmoid and band
+    have one), or when the kernel is off or cannot be built. ``delta``: the auto gain, whose coefficient the kernel
+    works out itself (from a sample of what it reads) except for activations with their own PyTorch kernel, where it
+    is computed here.
     """
     if not (
         saved.is_cpu
@@ -280,11 +200,11 @@ def _kernel_backward(
             d = delta
     op, n = _KERNEL_OP[0], _gain.SAMPLES
     if x is not None:  # recomputed after a fused BatchNorm; saved = the output, whose sign is x's
-        return op(gy, x, _native(act)(gy, saved, params) if given else None, code, fam, a, b, c3, h, u, v, d, n)
+        return op(gy, x, act.native(gy, saved, params) if given else None, code, fam, a, b, c3, h, u, v, d, n)
     if not given:  # t = what was saved: the output (tanh, sigmoid in exact mode) or the input
         return op(gy, saved, None, code, fam, a, b, c3, h, u, v, d, n)
     # PyTorch's own dy * phi'(x), then the shape
-    return op(gy, saved, _native(act)(gy, saved, params), code, fam, a, b, c3, h, u, v, d, n)
+    return op(gy, saved, act.native(gy, saved, params), code, fam, a, b, c3, h, u, v, d, n)
 
 
 def _add_shape(out: Tensor, g: Tensor, s: Tensor | None, h: float, act: Activation, c: Tensor | float | None) -> Tensor:
@@ -320,7 +240,7 @@ def _backward(
         c = _blend_coefficient(saved if x is None else x, from_output and x is None, act, shape, params, delta)
     t = _opmath(saved)
     g = gy if gy.dtype == t.dtype else gy.to(t.dtype)
-    native = _native(act)
+    native = act.native
     if x is not None:
         if native is None or torch.is_grad_enabled():
             return (_multiplier(x, False, act, shape, params, c) * g).to(gy.dtype)
@@ -329,17 +249,18 @@ def _backward(
         out = _add_shape(out, g, s, h, act, c)
         return out if out.dtype == gy.dtype else out.to(gy.dtype)
     if native is None or torch.is_grad_enabled():
-        # unknown activation, or double backward: out of place, differentiable
+        # no PyTorch kernel for the activation, or double backward: out of place, differentiable
         return (_multiplier(saved, from_output, act, shape, params, c) * g).to(gy.dtype)
     # dy phi'(x): one fused kernel; tanh's and sigmoid's take the output, recomputed when x was saved (sawtooth)
-    out = native(g, act.phi(t, **params) if act.inverse is not None and not from_output else t, params)
+    out = native(g, act.phi(t, **params) if act.saves_output and not from_output else t, params)
     if from_output:
-        # gauss(+-inf) = 0 exactly, so tanh's atanh needs no clamp there; the registered inverses return a new tensor
-        if shape.fn is not _lib.zero:
-            x = torch.atanh(t) if act.name == "tanh" and _is_gauss(shape) else act.inverse(t)
-            s, h = _shape_term(shape, x, owned=True)
-        else:
+        fast = shape.fast
+        if fast is not None and fast.zero:
             s, h = None, 0.0
+        else:  # s(+-inf) = 0 exactly: the inverse needs no clamp. The inverses return a new tensor.
+            exact = fast is not None and fast.zero_at_infinity and act.exact_inverse is not None
+            x = act.exact_inverse(t) if exact else act.inverse(t)
+            s, h = _shape_term(shape, x, owned=True)
     else:
         s, h = _shape_term(shape, t, owned=False)
     out = _add_shape(out, g, s, h, act, c)
@@ -369,10 +290,11 @@ class GAAFFunction(torch.autograd.Function):
         ctx.act, ctx.shape, ctx.params, ctx.delta = act, shape, params, delta
         # The output suffices only in exact mode: in sawtooth mode it carries g(x) s(x), and inverting it would
         # evaluate phi' + s at a shifted x (by up to 1/(2K phi'(x)), large in the saturation).
-        ctx.from_output = act.inverse is not None and mode == "exact"
+        ctx.from_output = act.saves_output and mode == "exact"
         # After a fused BatchNorm (or a residual add of such outputs; gaaf_patch.fused), a ReLU-family site keeps
         # its output (which the next layer keeps anyway) and recomputes x in backward from what others keep.
-        ctx.src = _fused.source_of(x) if mode == "exact" and output_determines_dphi(act, params) else None
+        keep = mode == "exact" and act.output_determines_dphi(params)
+        ctx.src = _fused.source_of(x, _keeps_output) if keep else None
         ctx.save_for_backward(y if ctx.from_output or ctx.src is not None else x)
         return y
 
@@ -382,6 +304,11 @@ class GAAFFunction(torch.autograd.Function):
         x = None if ctx.src is None else _fused.recompute_input(ctx.src)
         dx = _backward(saved, gy, ctx.from_output, ctx.act, ctx.shape, ctx.params, x, ctx.delta)
         return dx, None, None, None, None, None, None, None
+
+
+def _keeps_output(node: Any) -> bool:
+    """Whether an autograd node is a GAAF site's that saved its output (an operand :mod:`gaaf_patch.fused` may read)."""
+    return isinstance(node, GAAFFunction._backward_cls) and (node.from_output or node.src is not None)
 
 
 def apply(

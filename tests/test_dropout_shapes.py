@@ -140,6 +140,17 @@ def test_spec_round_trip_and_registry():
     assert gaaf.PatchConfig.from_dict(cfg.to_dict()) == cfg
 
 
+def test_activation_spellings_are_read_by_the_shape_registrys_reader():
+    assert D.act_spec("leaky_relu( negative_slope = 0.2 )") == "leaky_relu(negative_slope=0.2)"
+    assert D.act_spec("leaky_relu()") == D.act_spec("leaky_relu(negative_slope=0.01)") == "leaky_relu"
+    with pytest.raises(ValueError, match="cannot read activation 'leaky_relu.0.2.'; parameters must be key=value"):
+        dropout_matched("leaky_relu(0.2)", 1.0)
+    with pytest.raises(ValueError, match="cannot read activation '1relu'; write NAME"):
+        dropout_matched("1relu", 1.0)
+    with pytest.raises(ValueError, match="takes no parameter"):
+        dropout_matched("tanh(slope=2)", 1.0)
+
+
 def test_a_callable_activation():
     """A callable with its kink declared is as accurate as a registered activation; undeclared (off the default
     panel boundaries) the quadrature straddles the kink and loses accuracy."""

@@ -281,6 +281,35 @@ def test_every_activation_has_a_default(name):
         assert v.max() > 0.1 * v.new_tensor(1.0 / 6.0)  # a default really adds gradient somewhere
 
 
+@pytest.mark.parametrize("name", BUILTINS)
+def test_fast_path_facts_hold(name):
+    """A family's FastPath against its own formula: the in-place term is h s~ = s (and writes into x only when it
+    owns it), ``zero`` means 0 everywhere, ``zero_at_infinity`` 0 exactly at +-inf; the kernel takes 5 constants."""
+    s = get(name)
+    fast = s.fast
+    assert fast is not None and fast is get(s.family).fast
+    x = X.clone()
+    if fast.term is not None:
+        for owned in (False, True):
+            work = x.clone()
+            term, h = fast.term(work, owned, s.params)
+            got = torch.zeros_like(x) if term is None else term * h
+            torch.testing.assert_close(got, s(x), rtol=1e-13, atol=1e-300)
+            assert owned or torch.equal(work, x)
+    if fast.zero:
+        assert not s(x).any()
+    if fast.zero_at_infinity:
+        assert s(torch.tensor([-math.inf, math.inf], dtype=F64)).tolist() == [0.0, 0.0]
+    if fast.kernel is not None:
+        code, *constants = fast.kernel(s.params)
+        assert isinstance(code, int) and len(constants) == 4 and all(isinstance(c, float) for c in constants)
+
+
+def test_user_shapes_have_no_fast_path():
+    assert resolve(lambda t: t * 0).fast is None
+    assert ShapeFn("mine", lambda x: x * 0).fast is None
+
+
 def test_paper_tanh_shape_values():
     s = get("tanh")
     for x, want in [(0, 1.0), (1, 0.78), (2, 0.37), (3, 0.105)]:

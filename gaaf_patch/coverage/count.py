@@ -28,20 +28,17 @@ import torch
 from torch import fx, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .. import activations as _acts
 from ..modules import GAAF, StrippedDropout
 from ..ops import GAAFFunction
 from ..passes import targets
 
 __all__ = ["Leftover", "leftover_modules", "leftover_fx", "RuntimeCounter", "ACTIVATION_OPS"]
 
-# aten op (overload packet name, in-place underscore dropped) -> activation. relu6, selu and celu reach the
-# dispatcher as hardtanh and elu (they are composite ops).
-ACTIVATION_OPS: dict[str, str] = {
-    "relu": "relu", "relu6": "relu6", "hardtanh": "hardtanh", "leaky_relu": "leaky_relu", "elu": "elu",
-    "selu": "selu", "celu": "celu", "gelu": "gelu", "silu": "silu", "mish": "mish", "softplus": "softplus",
-    "tanh": "tanh", "sigmoid": "sigmoid", "hardsigmoid": "hardsigmoid", "hardswish": "hardswish",
-}  # fmt: skip
-_GATE_LIKE = {"sigmoid", "hardsigmoid"}
+# aten op (overload packet name, in-place underscore dropped) -> activation: each activation's ``aten_ops``. relu6
+# and selu reach the dispatcher as hardtanh and elu (composite ops), except in inference mode.
+ACTIVATION_OPS: dict[str, str] = {op: a.name for a in _acts.ACTIVATIONS.values() for op in a.aten_ops}
+_GATE_LIKE = {a.name for a in _acts.ACTIVATIONS.values() if a.gate_like}
 _MULS = {operator.mul, operator.imul, torch.mul}
 _SHAPE_METHODS = {"view", "reshape", "expand", "expand_as", "unsqueeze", "squeeze", "flatten", "permute", "to"}
 

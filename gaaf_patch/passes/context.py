@@ -34,7 +34,7 @@ class PatchRecord:
 
 
 # Class names that look like an activation: if such a module is neither replaced nor patched inside, say so.
-_ACTIVATION_CLASS = re.compile(r"(?i)(relu\d*|gelu|silu|swish|mish|elu|softplus|sigmoid|tanh)(me)?$")
+_ACTIVATION_CLASS = _acts.class_name_pattern()  # each activation's class_names
 _GATE_PARENT = re.compile(r"(Squeeze|Excit|^SE(?![a-z])|SE$|Gate|Gating|^Eca|^ECA|Cbam|CBAM)")
 
 

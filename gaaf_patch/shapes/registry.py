@@ -17,7 +17,28 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["ShapeFn", "register", "get", "available", "resolve", "add_check"]
+__all__ = ["ShapeFn", "FastPath", "register", "get", "available", "resolve", "add_check", "parse_spec"]
+
+
+@dataclass(frozen=True)
+class FastPath:
+    """What GAAF's backward (:mod:`gaaf_patch.ops`) may use instead of calling a family's function: facts of the
+    family, given with its registration and carried by every shape built on it.
+
+    - ``term(x, owned, params)``: ``(s~, h)`` with ``s = h s~``; ``s~`` a fresh tensor (None where ``s`` is zero),
+      computed in place on ``x`` when ``owned`` (``x`` is then a temporary the caller gives up). None: the shape is
+      called.
+    - ``kernel(params)``: ``(code, a, b, c, h)``, the family's ``shape`` code and constants for the fused CPU kernel
+      (``csrc/gaaf_cpu.cpp``); None when the kernel has no such family.
+    - ``zero``: ``s`` is 0 everywhere (backward then skips recovering ``x``).
+    - ``zero_at_infinity``: ``s(+-inf)`` is exactly 0, so ``x`` may be recovered by an activation's unclamped
+      inverse (``Activation.exact_inverse``), which gives +-inf in the saturation.
+    """
+
+    term: Callable[[Tensor, bool, Mapping[str, Any]], tuple[Tensor | None, float]] | None = None
+    kernel: Callable[[Mapping[str, Any]], tuple[int, float, float, float, float]] | None = None
+    zero: bool = False
+    zero_at_infinity: bool = False
 
 
 @dataclass(frozen=True)
@@ -34,6 +55,7 @@ class ShapeFn:
     params: Mapping[str, Any] = field(default_factory=dict)
     family: str = ""
     doc: str = field(default="", compare=False)
+    fast: FastPath | None = field(default=None, compare=False, repr=False)  # the family's, when it has one
 
     def __call__(self, x: Tensor) -> Tensor:
         return self.fn(x, **self.params)
@@ -61,7 +83,7 @@ class ShapeFn:
             problem = check(merged)
             if problem:
                 raise ValueError(f"shape {family}({', '.join(f'{k}={v!r}' for k, v in params.items())}): {problem}")
-        return ShapeFn(family, self.fn, merged, family, self.doc)
+        return ShapeFn(family, self.fn, merged, family, self.doc, self.fast)
 
     @property
     def spec(self) -> str:
@@ -103,23 +125,32 @@ def _floats(params: Mapping[str, Any]) -> dict[str, Any]:
     return {k: float(v) if isinstance(v, int) and not isinstance(v, bool) else v for k, v in params.items()}
 
 
-def register(name: str, fn: Callable[..., Tensor] | None = None, *, family: str | None = None, **params: Any):
+def register(
+    name: str,
+    fn: Callable[..., Tensor] | None = None,
+    *,
+    family: str | None = None,
+    fast: FastPath | None = None,
+    **params: Any,
+):
     """Register a shape function under ``name``, with default ``params``. Usable as a decorator.
 
-    ``register("gauss", width=4.0)(fn)`` registers a family; ``register("tanh", family="gauss", width=4.0)``
-    registers a named member of an existing family (no ``fn``).
+    ``register("gauss", width=4.0)(fn)`` registers a family (``fast``: its :class:`FastPath`, if any);
+    ``register("tanh", family="gauss", width=4.0)`` registers a named member of an existing family (no ``fn``).
     """
     params = _floats(params)
 
     def add(f: Callable[..., Tensor]) -> Callable[..., Tensor]:
-        _REGISTRY[name] = ShapeFn(name, f, params, family or name, (f.__doc__ or "").strip())
+        _REGISTRY[name] = ShapeFn(name, f, params, family or name, (f.__doc__ or "").strip(), fast)
         return f
 
     if family is not None:
-        if fn is not None:
-            raise TypeError(f"register({name!r}, family={family!r}) builds on {family!r}'s function; give no fn")
+        if fn is not None or fast is not None:
+            raise TypeError(
+                f"register({name!r}, family={family!r}) builds on {family!r}'s function; give no fn or fast"
+            )
         base = get(family).with_params(**params)  # unknown parameter names are an error here, not at first call
-        _REGISTRY[name] = ShapeFn(name, base.fn, base.params, base.family, base.doc)
+        _REGISTRY[name] = ShapeFn(name, base.fn, base.params, base.family, base.doc, base.fast)
         return _REGISTRY[name]
     return add if fn is None else add(fn)
 
@@ -132,6 +163,27 @@ def available() -> list[str]:
 _SPEC = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(?:\((.*)\))?\s*$")
 
 
+def parse_spec(text: str, what: str = "shape", example: str = "key=number, e.g. gauss(width=3)") -> tuple[str, dict]:
+    """``NAME`` or ``NAME(key=value, ...)`` read into ``(NAME, {key: value})``; values are Python literals.
+
+    The one reader of such spellings: shapes (:func:`get`) and activations with parameters
+    (``dropout_matched(act='leaky_relu(negative_slope=0.2)')``). ``what`` and ``example`` word the errors.
+    """
+    m = _SPEC.match(text)
+    if not m:
+        raise ValueError(f"cannot read {what} {text!r}; write NAME or NAME(param=value, ...)")
+    arglist = m.group(2)
+    if not arglist or not arglist.strip():
+        return m.group(1), {}
+    try:
+        call = ast.parse(f"f({arglist})", mode="eval").body
+        assert isinstance(call, ast.Call) and not call.args
+        assert all(kw.arg is not None for kw in call.keywords)  # no **mapping
+        return m.group(1), {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
+    except (SyntaxError, ValueError, AssertionError):
+        raise ValueError(f"cannot read {what} {text!r}; parameters must be {example}") from None
+
+
 def get(name: str | ShapeFn, **params: Any) -> ShapeFn:
     """The shape registered as ``name`` (an activation name gives its default shape), with ``params`` overridden.
 
@@ -139,28 +191,15 @@ def get(name: str | ShapeFn, **params: Any) -> ShapeFn:
     """
     if isinstance(name, ShapeFn):
         return name.with_params(**params) if params else name
-    m = _SPEC.match(name)
-    if not m:
-        raise ValueError(f"cannot read shape {name!r}; write NAME or NAME(param=value, ...)")
-    key, arglist = m.group(1), m.group(2)
+    key, given = parse_spec(name)
     if key not in _REGISTRY:
         close = difflib.get_close_matches(key, _REGISTRY, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise KeyError(f"unknown shape {key!r}{hint}; known: {', '.join(available())}")
     shape = _REGISTRY[key]
-    if arglist:
-        shape = shape.with_params(**_parse_kwargs(arglist, name))
+    if given:
+        shape = shape.with_params(**given)
     return shape.with_params(**params) if params else shape
-
-
-def _parse_kwargs(arglist: str, spelled: str) -> dict[str, Any]:
-    try:
-        call = ast.parse(f"f({arglist})", mode="eval").body
-        assert isinstance(call, ast.Call) and not call.args
-        assert all(kw.arg is not None for kw in call.keywords)  # no **mapping
-        return {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
-    except (SyntaxError, ValueError, AssertionError):
-        raise ValueError(f"cannot read shape {spelled!r}; parameters must be key=number, e.g. gauss(width=3)") from None
 
 
 def resolve(shape: str | ShapeFn | Callable[[Tensor], Tensor]) -> ShapeFn:
