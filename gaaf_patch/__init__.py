@@ -15,6 +15,7 @@ from .gradscale import GradientScale, measure_gradient_scale
 from .modules import GAAF, StrippedDropout
 from .ops import gaaf
 from .report import Report, report
+from .version import __version__
 
 __all__ = [
     "patch",
@@ -35,4 +36,3 @@ __all__ = [
     "ACTIVATIONS",
     "analysis",
 ]
-__version__ = "0.1.0"

@@ -80,7 +80,7 @@ _INDEX = re.compile(r"\[['\"]?([^\]'\"]+)['\"]?\]")
 @functools.cache
 def uuid() -> str:
     """A digest of the package source that defines GAAF and this rewrite: stable across runs, new when they change."""
-    from . import __version__
+    from .version import __version__
 
     root = Path(__file__).parent
     h = hashlib.sha256(f"gaaf-patch {__version__}".encode())

@@ -21,7 +21,7 @@ def versions() -> dict[str, str]:
     import torch
     import torchvision
 
-    from .. import __version__
+    from ..version import __version__
 
     return {
         "gaaf_patch": __version__,
