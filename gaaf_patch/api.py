@@ -9,7 +9,7 @@ from typing import Any
 from torch import nn
 
 from . import passes
-from .config import PatchConfig, PatchError, ShapeLike, build
+from .config import PatchError, ShapeLike, build
 from .ops import DEFAULT_K
 from .passes.context import RECORD_ATTR, Context, PatchRecord
 
@@ -47,8 +47,9 @@ def patch(
     (``{"relu": "relu_keras", "layer4.*": my_fn}``), or a preset: ``"auto"`` (default) or ``"paper"``. ``gain``:
     ``"auto"`` (default: the depth-safe blend of :mod:`gaaf_patch.gain`, which keeps a deep network's gradient scale)
     or ``"paper"`` (``phi' + s``, whose gain compounds with depth); ``shapes="paper"`` is ``gain="paper"``.
-    ``filter_fn(module, name)`` picks sites. Patching twice changes nothing more; ``unpatch`` undoes it. Sites that could not be rewritten are in ``report(model).unreached`` and
-    produce one warning.
+    ``filter_fn(module, name)`` picks sites. Patching twice changes nothing more; ``unpatch`` undoes it. Sites that
+    could not be rewritten are in ``report(model).unreached`` and produce one warning; what each pass did is in
+    ``report(model).passes``.
     """
     _check_model(model)
     config = build(
@@ -56,19 +57,14 @@ def patch(
     )
     record: PatchRecord | None = model.__dict__.get(RECORD_ATTR)
     if record is None:
-        record = PatchRecord(config=_config_dict(config))
+        record = PatchRecord.for_config(config)
     ctx = Context(
         model, config, filter_fn, gates=set(record.gates), traced=set(record.traced), calls=dict(record.calls)
     )
-    passes.run(ctx)
+    results = passes.run(ctx)
     _check_patterns(ctx)
     model.__dict__[RECORD_ATTR] = record
-    record.gates |= ctx.gates
-    record.traced |= ctx.traced
-    record.calls.update(ctx.calls)
-    _merge(record.unreached, ctx.unreached)
-    _merge(record.skipped, ctx.skipped)
-    record.attributes.extend(ctx.attributes)
+    record.absorb(ctx, results)
     if ctx.unreached:
         names = ", ".join(u["name"] for u in ctx.unreached[:4]) + (" ..." if len(ctx.unreached) > 4 else "")
         warnings.warn(
@@ -77,13 +73,6 @@ def patch(
             stacklevel=2,
         )
     return model
-
-
-def _config_dict(config: PatchConfig) -> dict[str, Any]:
-    try:
-        return config.to_dict()
-    except ValueError as e:  # a callable shape: the patch works, it just cannot be replayed from the record
-        return {"replayable": False, "why": str(e)}
 
 
 def _check_patterns(ctx: Context) -> None:
@@ -97,11 +86,6 @@ def _check_patterns(ctx: Context) -> None:
                 f"shapes key {key!r} is neither an activation name nor a pattern matching a patched site; "
                 f"site names look like {names[0] if names else '<none patched>'!r}"
             )
-
-
-def _merge(into: list[dict[str, Any]], new: list[dict[str, Any]]) -> None:
-    seen = {e["name"] for e in into}
-    into.extend(e for e in new if e["name"] not in seen)
 
 
 def unpatch(model: nn.Module) -> nn.Module:

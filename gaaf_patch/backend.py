@@ -2,7 +2,7 @@
 
 ``torch.compile(model, backend="gaaf")`` (registered through the ``torch_dynamo_backends`` entry point) or
 ``gaaf_patch.compile(model, mode="sawtooth", strip_dropout=True)`` (options bound) compiles an *unpatched* model:
-every graph Dynamo captures is rewritten by the functional pass's :class:`~gaaf_patch.passes.functional.Rewriter`
+every graph Dynamo captures is rewritten by the functional pass's :class:`~gaaf_patch.passes.rewriter.Rewriter`
 (the very matcher ``gaaf_patch.patch`` uses) **before** AOTAutograd, so AOTAutograd traces the GAAF
 ``autograd.Function`` forward *and* backward, and Inductor fuses ``phi'(x) + s(x)`` into the surrounding kernels.
 Dynamo has already inlined every module, so activations arrive as functions and methods, in place or not::
@@ -41,6 +41,7 @@ import json
 import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -53,9 +54,10 @@ from . import ops
 from .config import PatchConfig, PatchError, ShapeLike, build
 from .modules import GAAF
 from .ops import DEFAULT_K
-from .passes import budget, targets
-from .passes.context import Context
-from .passes.functional import Rewriter
+from .passes import budget, functional, targets
+from .passes.context import Context, PatchRecord
+from .passes.result import PatchPassResult, combine
+from .passes.rewriter import Rewriter
 
 __all__ = ["GAAFPass", "GAAFBackend", "gaaf_backend", "compile", "uuid"]
 
@@ -67,7 +69,9 @@ _HASHED = (
     "config.py",
     "backend.py",
     "shapes/*.py",
-    "passes/functional.py",
+    "passes/rewriter.py",
+    "passes/gates.py",
+    "passes/budget.py",
     "passes/targets.py",
     "passes/context.py",
 )
@@ -166,13 +170,18 @@ class GAAFPass(PassBase):
     The contract of ``torch.fx.passes.infra``: returns ``PassResult(gm, modified)``, ``modified`` true only when a
     node changed. Bodies of activation checkpointing (``tag_activation_checkpoint``) are rewritten too; sites in
     other higher-order ops' bodies, and sites the rewriter cannot handle, are in ``last_unreached`` and produce one
-    warning per graph. ``last_sites`` describes what the last call patched.
+    warning per graph. ``last_sites`` describes what the last call patched; ``last_passes`` what its steps did (the
+    ``functional`` rewrite and the ``budget``, one :class:`~gaaf_patch.passes.result.PatchPassResult` each, bodies
+    included); ``last_record`` holds those results and the unreached and skipped sites in the
+    :class:`~gaaf_patch.passes.PatchRecord` form ``patch`` leaves on a model.
     """
 
     def __init__(self, config: PatchConfig | None = None) -> None:
         self.config = config or PatchConfig()
         self.last_unreached: list[dict[str, Any]] = []
         self.last_sites: list[dict[str, Any]] = []
+        self.last_passes: list[PatchPassResult] = []
+        self.last_record: PatchRecord | None = None
 
     def uuid(self) -> str | None:
         """Identity of this pass and its options for compile caches: the package :func:`uuid` and the options.
@@ -186,8 +195,12 @@ class GAAFPass(PassBase):
         return hashlib.sha256(f"{uuid()}|{options}".encode()).hexdigest()
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
-        self.last_sites, self.last_unreached = [], []
-        changed = self._rewrite(graph_module)
+        found = Context(root=graph_module, config=self.config)  # unreached and skipped sites of every graph
+        self.last_sites = []
+        self.last_passes = [replace(r, graph_module=graph_module) for r in combine(self._rewrite(graph_module, found))]
+        self.last_unreached = found.unreached
+        self.last_record = PatchRecord.for_config(self.config)
+        self.last_record.absorb(found, self.last_passes)
         if self.last_unreached:
             names = ", ".join(u["name"] for u in self.last_unreached[:4])
             warnings.warn(
@@ -195,32 +208,32 @@ class GAAFPass(PassBase):
                 + "; ".join(sorted({u["reason"] for u in self.last_unreached})),
                 stacklevel=2,
             )
-        return PassResult(graph_module, changed > 0)
+        return PassResult(graph_module, any(r.modified for r in self.last_passes))
 
-    def _rewrite(self, gm: fx.GraphModule) -> int:
-        """Rewrite ``gm`` and the bodies it runs; returns the number of nodes changed."""
-        changed = 0
+    def _rewrite(self, gm: fx.GraphModule, found: Context) -> list[PatchPassResult]:
+        """Rewrite ``gm`` and the bodies it runs; returns the result of each step on each graph."""
+        results: list[PatchPassResult] = []
         for node in gm.graph.nodes:
             body = getattr(gm, str(node.target), None) if node.op == "get_attr" else None
             if not isinstance(body, fx.GraphModule):
                 continue
             hops = _hop_names(node)
             if hops & _TRANSPARENT_HOPS:
-                changed += self._rewrite(body)
+                results += self._rewrite(body, found)
             elif not hops <= _OPAQUE_HOPS:
                 reason = f"inside the body of {', '.join(sorted(hops))}"
                 for site in _sites_in(body):
-                    self.last_unreached.append(
-                        {"name": f"{node.target}.{site.name}", "form": site.op, "reason": reason}
-                    )
+                    found.unreached.append({"name": f"{node.target}.{site.name}", "form": site.op, "reason": reason})
 
         graph = gm.graph
         before = {f"gaaf_{n.name}": (n, dict(n.meta)) for n in graph.nodes}
         ctx = Context(root=gm, config=self.config)
         rewriter = _DynamoRewriter(ctx, gm, "")
         n = rewriter.rewrite(graph)
-        budget.assign(gm)  # sites of this graph (a graph break splits the count)
-        self.last_unreached += list(rewriter.unreached.values()) + ctx.unreached
+        results.append(PatchPassResult(functional.PASS_NAME, n, rewriter.counts(), gm))
+        results.append(budget.run(ctx))  # sites of this graph (a graph break splits the count)
+        found.unreached += list(rewriter.unreached.values()) + ctx.unreached
+        found.skipped += ctx.skipped
         added = set(rewriter.added)
         for node in list(graph.nodes):
             if node.op == "call_module" and node.target in added:
@@ -229,7 +242,7 @@ class GAAFPass(PassBase):
         if n:
             graph.lint()
             gm.recompile()
-        return changed + n
+        return results
 
     def _finish_site(self, gm: fx.GraphModule, node: fx.Node, old: fx.Node, meta: dict[str, Any]) -> None:
         """Give the new node its predecessor's metadata; keep an in-place mutation that is visible elsewhere."""

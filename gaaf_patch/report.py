@@ -1,4 +1,9 @@
-"""``gaaf_patch.report``: what a patch changed, read off the model itself."""
+"""``gaaf_patch.report``: what a patch changed, read off the model itself.
+
+Two public sources only: the GAAF and StrippedDropout modules in the tree (each describes its site) and the patch
+record ``patch`` leaves on the model (:class:`gaaf_patch.passes.PatchRecord`: unreached and skipped sites,
+dropout removed from code or attributes, fused BatchNorms, each pass's result). No pass's internals.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ from torch import nn
 from .config import PatchError
 from .modules import GAAF, StrippedDropout
 from .passes.context import RECORD_ATTR
-from .passes.functional import patched_methods
+from .passes.result import combine
 
 __all__ = ["Report", "report"]
 
@@ -20,7 +25,8 @@ __all__ = ["Report", "report"]
 class Report:
     """One entry per site. ``replaced``: GAAF activations; ``stripped``: dropout removed; ``unreached``: sites the
     passes could not rewrite (each with a reason); ``skipped``: gates left alone on purpose; ``fused``: BatchNorms
-    switched to their recomputing twin (same state) so the GAAF ReLU they feed keeps no extra tensor."""
+    switched to their recomputing twin (same state) so the GAAF ReLU they feed keeps no extra tensor; ``passes``: what
+    each pass changed, one entry per pass (name, modified, changed, counts), added up over every ``patch`` call."""
 
     replaced: list[dict[str, Any]] = field(default_factory=list)
     stripped: list[dict[str, Any]] = field(default_factory=list)
@@ -29,6 +35,7 @@ class Report:
     fused: list[dict[str, Any]] = field(default_factory=list)  # BatchNorms a ReLU site recomputes from (passes/fuse)
     config: dict[str, Any] | None = None
     gradient_scale: dict[str, Any] | None = None  # patched / plain gradient norms, when measured (gradscale.py)
+    passes: list[dict[str, Any]] = field(default_factory=list)  # PatchPassResult.to_dict() per pass (passes/result)
 
     def __bool__(self) -> bool:
         return bool(self.replaced or self.stripped or self.unreached)
@@ -42,6 +49,7 @@ class Report:
             "fused": self.fused,
             "config": self.config,
             "gradient_scale": self.gradient_scale,
+            "passes": self.passes,
             "summary": self.summary(),
         }
 
@@ -72,10 +80,9 @@ def report(model: nn.Module) -> Report:
             rep.replaced.append(module.describe())
         elif isinstance(module, StrippedDropout):
             rep.stripped.append(module.describe())
-        for fwd in patched_methods(module):
-            rep.stripped.extend(fwd.stripped)
     record = model.__dict__.get(RECORD_ATTR)
     if record is not None:
+        rep.stripped.extend(record.stripped)
         rep.stripped.extend(e for _m, _a, _old, e in record.attributes if "name" in e)
         rep.fused.extend(
             {"name": e["fused_batchnorm"], "into": e["into"]}
@@ -85,6 +92,7 @@ def report(model: nn.Module) -> Report:
         rep.unreached.extend(record.unreached)
         rep.skipped.extend(record.skipped)
         rep.config = record.config
-        rep.gradient_scale = getattr(record, "gradient_scale", None)
+        rep.gradient_scale = record.gradient_scale
+        rep.passes = [r.to_dict() for r in combine(record.passes)]
     rep.replaced.sort(key=lambda r: r["name"])
     return rep

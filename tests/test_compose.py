@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gaaf_patch
-from gaaf_patch.passes.functional import PatchedForward
+from gaaf_patch.passes.runtime import PatchedForward
 from tests.toys import EveryForm, SmallCNN, mlp
 
 

@@ -8,6 +8,12 @@
 4. ``budget``: the auto-gain sites get their per-site energy allowance from the number of sites (gaaf_patch.gain).
 5. ``fuse``: a plain BatchNorm feeding an exact-mode GAAF ReLU becomes its recomputing twin (same state), so the
    ReLU saves no extra tensor for backward.
+
+Every pass is a function ``Context -> PatchPassResult`` (:mod:`.result`: PyTorch's ``PassResult`` contract plus
+the pass's counts); ``patch`` keeps the results in the model's :class:`PatchRecord` and ``report(model).passes``
+lists them. Modules: :mod:`.tracer` (fx tracing of one module's code), :mod:`.rewriter` (the graph rewrite the
+Dynamo backend shares), :mod:`.runtime` (the forward a rewritten module runs), :mod:`.gates` (gate detection),
+:mod:`.targets` (what the passes match).
 """
 
 from __future__ import annotations
@@ -18,21 +24,30 @@ from torch import nn
 
 from . import budget, functional, fuse, swap
 from .context import RECORD_ATTR, Context, PatchRecord
+from .gates import reaches_mul
+from .result import PatchPassResult, combine
 
-PASSES: list[tuple[str, Callable[[Context], int]]] = [
-    ("dropout", swap.run_dropout),
-    ("functional", functional.run),
-    ("modules", swap.run_activations),
-    ("budget", budget.run),
-    ("fuse", fuse.run),
+Pass = Callable[[Context], PatchPassResult]
+
+PASSES: list[Pass] = [swap.run_dropout, functional.run, swap.run_activations, budget.run, fuse.run]
+
+__all__ = [
+    "PASSES",
+    "Pass",
+    "run",
+    "undo",
+    "Context",
+    "PatchRecord",
+    "PatchPassResult",
+    "RECORD_ATTR",
+    "combine",
+    "reaches_mul",
 ]
 
-__all__ = ["PASSES", "run", "Context", "PatchRecord", "RECORD_ATTR", "undo"]
 
-
-def run(ctx: Context) -> dict[str, int]:
-    """Run every pass; returns the number of sites each changed."""
-    return {name: fn(ctx) for name, fn in PASSES}
+def run(ctx: Context) -> list[PatchPassResult]:
+    """Run every pass in order; returns each pass's result."""
+    return [p(ctx) for p in PASSES]
 
 
 def undo(root: nn.Module, record: PatchRecord | None) -> None:

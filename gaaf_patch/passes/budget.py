@@ -16,20 +16,28 @@ from torch import nn
 from .. import gain
 from ..modules import GAAF
 from .context import Context
+from .result import PatchPassResult
 
-__all__ = ["run", "assign"]
+__all__ = ["PASS_NAME", "run", "assign"]
+
+PASS_NAME = "budget"
 
 
 def assign(root: nn.Module, calls: Mapping[str, int] | None = None) -> int:
-    """Set ``delta`` on ``root``'s auto-gain sites from the number of site calls; returns how many were set."""
+    """Set ``delta`` on ``root``'s auto-gain sites from the number of site calls; returns how many sites' ``delta``
+    changed (a GAAF module shared by several parents counts once)."""
     calls = calls or {}
     named = [(n, m) for n, m in root.named_modules(remove_duplicate=False) if isinstance(m, GAAF)]
-    auto = [m for _n, m in named if m.delta is not None]
+    auto = {id(m): m for _n, m in named if m.delta is not None}
     delta = gain.delta_for(sum(max(1, calls.get(n, 1)) for n, _m in named))
-    for m in auto:
+    changed = 0
+    for m in auto.values():
+        changed += m.delta != delta
         m.delta = delta
-    return len(auto)
+    return changed
 
 
-def run(ctx: Context) -> int:
-    return assign(ctx.root, ctx.calls)
+def run(ctx: Context) -> PatchPassResult:
+    """Counts ``sites``: auto-gain sites whose allowance changed (none when a second ``patch`` added no site)."""
+    n = assign(ctx.root, ctx.calls)
+    return PatchPassResult(PASS_NAME, n, {"sites": n}, ctx.root)

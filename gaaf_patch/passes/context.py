@@ -1,18 +1,24 @@
-"""State shared by the passes of one ``patch`` call, and the record a patch leaves on the model."""
+"""State shared by the passes of one ``patch`` call, and the record a patch leaves on the model.
+
+The passes read and fill a :class:`Context`; ``patch`` then folds it, and each pass's result, into the
+:class:`PatchRecord` on the model, which is all ``gaaf_patch.report`` reads besides the GAAF and StrippedDropout
+modules themselves.
+"""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
-from torch import nn
+from torch import fx, nn
 
 from .. import activations as _acts
 from ..config import PatchConfig
 from ..gain import MAX_DELTA
 from ..modules import GAAF, Site
+from .result import PatchPassResult
 
 RECORD_ATTR = "_gaaf_record"
 
@@ -31,6 +37,38 @@ class PatchRecord:
     traced: set[str] = field(default_factory=set)
     gradient_scale: dict[str, Any] | None = None  # gaaf_patch.measure_gradient_scale's last result
     calls: dict[str, int] = field(default_factory=dict)  # child module -> calls per parent forward, from traces
+    stripped: list[dict[str, Any]] = field(default_factory=list)  # dropout removed from traced code (functional)
+    passes: list[PatchPassResult] = field(default_factory=list)  # every pass run, in order, over all patch calls
+
+    @classmethod
+    def for_config(cls, config: PatchConfig) -> PatchRecord:
+        try:
+            return cls(config=config.to_dict())
+        except ValueError as e:  # a callable shape: the patch works, it just cannot be replayed from the record
+            return cls(config={"replayable": False, "why": str(e)})
+
+    def absorb(self, ctx: Context, results: list[PatchPassResult]) -> None:
+        """Add what one ``patch`` call's passes found and did (entries already recorded are not repeated)."""
+        self.gates |= ctx.gates
+        self.traced |= ctx.traced
+        self.calls.update(ctx.calls)
+        _merge(self.unreached, ctx.unreached)
+        _merge(self.skipped, ctx.skipped)
+        _merge(self.stripped, ctx.stripped)
+        self.attributes.extend(ctx.attributes)
+        self.passes.extend(r.detached() for r in results)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A record pickled by an older version lacks the newer fields: they start empty.
+        for f in fields(self):
+            if f.name not in state and f.default_factory is not MISSING:
+                state[f.name] = f.default_factory()
+        self.__dict__.update(state)
+
+
+def _merge(into: list[dict[str, Any]], new: list[dict[str, Any]]) -> None:
+    seen = {e["name"] for e in into}
+    into.extend(e for e in new if e["name"] not in seen)
 
 
 # Class names that look like an activation: if such a module is neither replaced nor patched inside, say so.
@@ -48,9 +86,11 @@ class Context:
     unreached: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[dict[str, Any]] = field(default_factory=list)
     attributes: list[tuple[nn.Module, str, Any, dict[str, Any]]] = field(default_factory=list)
-    changed: dict[str, int] = field(default_factory=dict)  # pass name -> sites changed
-    bn_feeds: list[tuple[str, str]] = field(default_factory=list)  # (BatchNorm, module it alone feeds), from traces
     calls: dict[str, int] = field(default_factory=dict)  # child module -> calls per parent forward, from traces
+    stripped: list[dict[str, Any]] = field(default_factory=list)  # dropout removed from traced code
+    # (qualified name, module, training-mode graph) of each method the functional pass traced, after its rewrite:
+    # later passes analyse them (fuse), nothing runs them.
+    graphs: list[tuple[str, nn.Module, fx.Graph]] = field(default_factory=list)
 
     def allowed(self, module: nn.Module, name: str) -> bool:
         return self.filter_fn is None or bool(self.filter_fn(module, name))

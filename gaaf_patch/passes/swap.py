@@ -22,7 +22,9 @@ from .. import activations as _acts
 from ..modules import GAAF, Site, StrippedDropout, original_of
 from . import targets
 from .context import Context, looks_like_activation
+from .result import PatchPassResult
 
+DROPOUT_PASS = "dropout"
 PASS_NAME = "modules"
 
 
@@ -44,14 +46,15 @@ def _entries(root: nn.Module):
                 stack.append((fqn, child))
 
 
-def run_dropout(ctx: Context) -> int:
-    """Replace dropout modules (and DropPath when ``strip_droppath``); zero ``MultiheadAttention.dropout``."""
+def run_dropout(ctx: Context) -> PatchPassResult:
+    """The ``dropout`` pass: replace dropout modules (and DropPath when ``strip_droppath``); zero
+    ``MultiheadAttention.dropout``. Counts ``modules`` (a module registered twice counts once) and ``attributes``."""
     cfg = ctx.config
     kinds: tuple[type, ...] = (targets.DROPOUT_MODULES if cfg.strip_dropout else ()) + (
         targets.DROPPATH_MODULES if cfg.strip_droppath else ()
     )
     done: dict[int, nn.Module] = {}
-    n = 0
+    n_attrs = 0
     for parent, attr, fqn, child in list(_entries(ctx.root)):
         if isinstance(child, nn.MultiheadAttention) and cfg.strip_dropout and child.dropout:
             if ctx.allowed(child, fqn):
@@ -63,7 +66,7 @@ def run_dropout(ctx: Context) -> int:
                 }
                 ctx.attributes.append((child, "dropout", child.dropout, entry))
                 child.dropout = 0.0
-                n += 1
+                n_attrs += 1
             continue
         if not kinds or not isinstance(child, kinds):
             continue
@@ -72,16 +75,18 @@ def run_dropout(ctx: Context) -> int:
                 continue
             p = getattr(child, "p", getattr(child, "drop_prob", None))
             done[id(child)] = StrippedDropout(Site(fqn, "module", type(child).__name__), child, p)
-            n += 1
         setattr(parent, attr, done[id(child)])
-    ctx.changed["dropout"] = n
-    return n
+    counts = {"modules": len(done), "attributes": n_attrs}
+    return PatchPassResult(DROPOUT_PASS, len(done) + n_attrs, counts, ctx.root)
 
 
-def run_activations(ctx: Context) -> int:
-    """Replace activation modules by GAAF; report activation-looking classes that nothing reached."""
+def run_activations(ctx: Context) -> PatchPassResult:
+    """The ``modules`` pass: replace activation modules by GAAF; report activation-looking classes that nothing
+    reached. Counts ``modules`` (a module registered twice counts once) and ``attributes`` (the activation function
+    of torch's transformer layers)."""
     done: dict[int, nn.Module | None] = {}
-    n = sum(
+    n = 0
+    n_attrs = sum(
         _transformer_activation(ctx, m, fqn)
         for fqn, m in ctx.root.named_modules()
         if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))
@@ -120,8 +125,7 @@ def run_activations(ctx: Context) -> int:
     for fqn, child in lookalikes:
         if not any(isinstance(m, GAAF) for m in child.modules()):
             ctx.unreach(fqn, "module", type(child).__name__, "no GAAF form for this class")
-    ctx.changed[PASS_NAME] = n
-    return n
+    return PatchPassResult(PASS_NAME, n + n_attrs, {"modules": n, "attributes": n_attrs}, ctx.root)
 
 
 def _parent_name(fqn: str) -> str:

@@ -1,0 +1,59 @@
+"""Gate detection: does an activation's output multiply a tensor?
+
+A sigmoid-like activation whose value scales another tensor (squeeze-excite's ``x * self.gate(s)``, a GLU's
+``a * b.sigmoid()``) is a gate, not a nonlinearity in the signal path; ``activations="auto"`` leaves gates alone.
+The rule, on a ``torch.fx`` graph: the node's value **reaches a multiplication** (``operator.mul``/``imul``,
+``torch.mul``, ``.mul``/``.mul_``) directly or through at most :data:`MAX_DEPTH` ops that only move or recast the
+value (``PASSTHROUGH_METHODS``/``PASSTHROUGH_FUNCTIONS``: views, reshapes, indexing, dtype casts). Anything else
+in between (an add, a conv, a reduction) means the value is used as a signal, and the node is not a gate::
+
+    sigmoid = self.gate(mean)                 # gate: view -> mul
+    view = sigmoid.view(b, c, 1, 1)
+    mul = x * view
+
+    sigmoid = torch.sigmoid(h); add = sigmoid + 1; mul = add * x      # not a gate: the add is in between
+
+The patch passes (module gates in traced code, function and method sites) and the Dynamo backend use this one
+function; so does ``gaaf_patch.coverage`` when it decides whether an activation left in a graph is a gate.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx
+
+__all__ = ["reaches_mul", "MAX_DEPTH", "MUL_FUNCTIONS", "MUL_METHODS", "PASSTHROUGH_FUNCTIONS", "PASSTHROUGH_METHODS"]
+
+MUL_FUNCTIONS = frozenset({operator.mul, operator.imul, torch.mul})
+MUL_METHODS = frozenset({"mul", "mul_"})
+# Ops a gate's value flows through unchanged in meaning before it multiplies.
+PASSTHROUGH_METHODS = frozenset({
+    "view", "reshape", "expand", "expand_as", "unsqueeze", "squeeze", "flatten", "permute", "transpose",
+    "contiguous", "to", "type_as", "float", "half", "bfloat16",
+})  # fmt: skip
+PASSTHROUGH_FUNCTIONS = frozenset({torch.reshape, torch.flatten, torch.unsqueeze, torch.squeeze, operator.getitem})
+MAX_DEPTH = 8  # passthrough ops between the activation and the multiplication
+
+
+def _is(node: fx.Node, functions: frozenset, methods: frozenset) -> bool:
+    return (node.op == "call_function" and node.target in functions) or (
+        node.op == "call_method" and node.target in methods
+    )
+
+
+def reaches_mul(node: fx.Node) -> bool:
+    """Whether ``node``'s value reaches a multiplication through at most :data:`MAX_DEPTH` passthrough ops."""
+    frontier, seen = [node], {node}
+    for depth in range(MAX_DEPTH + 1):
+        nxt = []
+        for n in frontier:
+            for user in n.users:
+                if _is(user, MUL_FUNCTIONS, MUL_METHODS):
+                    return True
+                if depth < MAX_DEPTH and user not in seen and _is(user, PASSTHROUGH_FUNCTIONS, PASSTHROUGH_METHODS):
+                    seen.add(user)
+                    nxt.append(user)
+        frontier = nxt
+    return False
