@@ -19,7 +19,6 @@ a multiplication); the ``runtime`` count by the module a reported gate sits in.
 from __future__ import annotations
 
 import inspect
-import operator
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +31,7 @@ from .. import activations as _acts
 from ..modules import GAAF, StrippedDropout
 from ..ops import GAAFFunction
 from ..passes import targets
+from ..passes.gates import reaches_mul
 
 __all__ = ["Leftover", "leftover_modules", "leftover_fx", "RuntimeCounter", "ACTIVATION_OPS"]
 
@@ -39,8 +39,6 @@ __all__ = ["Leftover", "leftover_modules", "leftover_fx", "RuntimeCounter", "ACT
 # and selu reach the dispatcher as hardtanh and elu (composite ops), except in inference mode.
 ACTIVATION_OPS: dict[str, str] = {op: a.name for a in _acts.ACTIVATIONS.values() for op in a.aten_ops}
 _GATE_LIKE = {a.name for a in _acts.ACTIVATIONS.values() if a.gate_like}
-_MULS = {operator.mul, operator.imul, torch.mul}
-_SHAPE_METHODS = {"view", "reshape", "expand", "expand_as", "unsqueeze", "squeeze", "flatten", "permute", "to"}
 
 
 @dataclass
@@ -125,20 +123,6 @@ class _Root(nn.Module):
         return self.model(x)
 
 
-def _reaches_mul(node: fx.Node, depth: int = 0) -> bool:
-    for user in node.users:
-        if (user.op == "call_function" and user.target in _MULS) or (
-            user.op == "call_method" and user.target in ("mul", "mul_")
-        ):
-            return True
-        shape_only = (user.op == "call_method" and user.target in _SHAPE_METHODS) or (
-            user.op == "call_function" and user.target is operator.getitem
-        )
-        if shape_only and depth < 6 and _reaches_mul(user, depth + 1):
-            return True
-    return False
-
-
 def _node_activation(node: fx.Node) -> str | None:
     if not targets.is_activation_node(node):
         return None
@@ -160,7 +144,7 @@ def leftover_fx(model: nn.Module) -> tuple[list[Leftover] | None, str]:
             for node in graph.nodes:
                 act = _node_activation(node)
                 if act is not None:  # node names follow the module path: blocks_0_attn_sigmoid
-                    found[f"{node.name}@{mode}"] = Leftover(node.name, act, act in _GATE_LIKE and _reaches_mul(node))
+                    found[f"{node.name}@{mode}"] = Leftover(node.name, act, act in _GATE_LIKE and reaches_mul(node))
     except Exception as e:  # noqa: BLE001 - whole-model fx fails on many models; the per-module passes do not
         return None, f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"
     finally:
