@@ -15,7 +15,7 @@ from .gradscale import GradientScale, measure_gradient_scale
 from .modules import GAAF, StrippedDropout
 from .ops import gaaf
 from .report import Report, report
-from .version import __version__
+from .version import __version__  # noqa: F401 - the package version
 
 __all__ = [
     "patch",

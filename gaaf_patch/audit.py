@@ -121,7 +121,9 @@ class Audit:
 def _deterministic(func: Any, args: tuple, kwargs: dict) -> bool:
     """A seeded op whose arguments make it draw nothing: dropout with p=0 or train=False, attention without
     dropout, rrelu in eval."""
-    values = dict(zip((a.name for a in func._schema.arguments), args, strict=False))
+    schema = func._schema.arguments
+    values = {a.name: a.default_value for a in schema if a.has_default_value()}
+    values.update(zip((a.name for a in schema), args, strict=False))
     values.update(kwargs)
     if "dropout_p" in values:
         return not values["dropout_p"]

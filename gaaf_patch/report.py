@@ -17,6 +17,7 @@ from .config import PatchError
 from .modules import GAAF, StrippedDropout
 from .passes.context import RECORD_ATTR
 from .passes.result import combine
+from .passes.scope import scopes
 
 __all__ = ["Report", "report"]
 
@@ -33,6 +34,8 @@ class Report:
     unreached: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[dict[str, Any]] = field(default_factory=list)
     fused: list[dict[str, Any]] = field(default_factory=list)  # BatchNorms a ReLU site recomputes from (passes/fuse)
+    # code fx cannot trace, rewritten as it runs (passes/scope.py): its sites join replaced/stripped once they ran
+    runtime: list[dict[str, Any]] = field(default_factory=list)
     config: dict[str, Any] | None = None
     gradient_scale: dict[str, Any] | None = None  # patched / plain gradient norms, when measured (gradscale.py)
     passes: list[dict[str, Any]] = field(default_factory=list)  # PatchPassResult.to_dict() per pass (passes/result)
@@ -47,6 +50,7 @@ class Report:
             "unreached": self.unreached,
             "skipped": self.skipped,
             "fused": self.fused,
+            "runtime": self.runtime,
             "config": self.config,
             "gradient_scale": self.gradient_scale,
             "passes": self.passes,
@@ -66,6 +70,7 @@ class Report:
             "unreached": len(self.unreached),
             "skipped": len(self.skipped),
             "fused": len(self.fused),
+            "runtime": len(self.runtime),
             "by_activation": by_act,
         }
 
@@ -80,6 +85,10 @@ def report(model: nn.Module) -> Report:
             rep.replaced.append(module.describe())
         elif isinstance(module, StrippedDropout):
             rep.stripped.append(module.describe())
+        for scope in scopes(module):
+            rep.runtime.append(scope.describe())
+            rep.stripped.extend(scope.stripped.values())
+            rep.skipped.extend(scope.skipped.values())
     record = model.__dict__.get(RECORD_ATTR)
     if record is not None:
         rep.stripped.extend(record.stripped)

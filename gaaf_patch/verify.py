@@ -179,12 +179,10 @@ def verify(
 
     Forward: ``exact`` mode must be bit-identical; ``sawtooth`` within ``SAWTOOTH_RTOL * max(1, max|reference|)``.
     Gradient of the summed output with respect to the input: it must differ when sites were ``replaced`` (GAAF adds
-    ``s(x)`` where activations saturate) and be identical when none were; ``replaced`` None reads it from
+    ``s(x)`` where activations saturate) and be identical when none were; ``replaced`` None reads it (after the run) from
     ``gaaf_patch.report(patched)``. Raises :class:`UncheckableError` when the original rejects the batch and
     :class:`VerificationFailed` when the patched model fails where the original runs.
     """
-    if replaced is None:
-        replaced = bool(report(patched).replaced)
     batch = torch.randn(tuple(input_shape), generator=torch.Generator().manual_seed(seed))
     original.eval()
     patched.eval()
@@ -205,6 +203,8 @@ def verify(
         ) from e
     if len(ref_out) != len(new_out) or any(a.shape != b.shape for a, b in zip(ref_out, new_out, strict=True)):
         raise VerificationFailed("the patched model's output has a different structure or shape")
+    if replaced is None:  # read after the run: code patched at run time (passes/scope.py) lists its sites then
+        replaced = bool(report(patched).replaced)
     out = compare_outputs(ref_out, new_out, 0.0 if mode == "exact" else SAWTOOTH_RTOL)
     grad_diff = max_abs_diff([ref_grad], [new_grad])
     same_grad = bit_equal(ref_grad, new_grad)

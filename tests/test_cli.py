@@ -310,7 +310,7 @@ def test_out_then_checkpoint_round_trip(capsys: pytest.CaptureFixture[str], tmp_
     assert not torch.equal(fresh.fc.weight, saved["state_dict"]["fc.weight"])
 
 
-def test_unreached_sites_are_reported_not_warned(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def test_untraceable_code_is_patched_at_run_time_and_listed(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     path = tmp_path / "odd.py"
     path.write_text(
         textwrap.dedent(
@@ -340,14 +340,15 @@ def test_unreached_sites_are_reported_not_warned(capsys: pytest.CaptureFixture[s
     assert captured.err == ""  # patch()'s warning is replaced by the report's unreached table
     doc = json.loads(captured.out)
     assert doc["verification"]["input_shape"] == [2, 4]
-    assert doc["verification"]["gradient"] == {"ok": True, "expect": "equal", "max_abs_diff": 0.0}
-    (site,) = doc["report"]["unreached"]
-    assert site["target"] == "tanh" and "not traceable" in site["reason"]
-    assert doc["report"]["summary"]["replaced"] == 0
+    assert doc["verification"]["gradient"]["ok"] and doc["verification"]["gradient"]["expect"] == "differ"
+    assert doc["report"]["unreached"] == []
+    (site,) = doc["report"]["replaced"]  # patched at run time: listed once the check ran it
+    assert site["target"] == "torch.tanh" and site["form"] == "runtime" and site["name"] == "<root>:odd:13"
+    assert [r["name"] for r in doc["report"]["runtime"]] == ["<root>"]
 
     assert main([f"{path}:make", "--input-size", "4"]) == 0
     out = capsys.readouterr().out
-    assert "not patched (unreached)" in out and "unreached 1" in out
+    assert "<root>:odd:13" in out and "runtime" in out
 
 
 def test_out_is_written_atomically_a_failed_save_keeps_the_previous_file(tmp_path, monkeypatch, capsys):

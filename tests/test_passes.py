@@ -78,7 +78,12 @@ def test_each_pass_result_matches_an_independent_count():
     res = _results(model)
     assert list(res) == ORDER
     assert res["dropout"].counts == {"modules": n_dropout_modules, "attributes": 0}
-    assert res["functional"].counts == {"activations": n_activation_calls, "dropout": n_dropout_calls, "methods": 1}
+    assert res["functional"].counts == {
+        "activations": n_activation_calls,
+        "dropout": n_dropout_calls,
+        "methods": 1,
+        "runtime_scopes": 0,
+    }
     assert res["functional"].changed == n_activation_calls + n_dropout_calls
     assert res["modules"].counts == {"modules": n_act_modules, "attributes": 0}
 
@@ -102,7 +107,7 @@ def test_the_report_lists_each_pass_and_round_trips():
         "name": "functional",
         "modified": True,
         "changed": 5,
-        "counts": {"activations": 4, "dropout": 1, "methods": 1},
+        "counts": {"activations": 4, "dropout": 1, "methods": 1, "runtime_scopes": 0},
     }
     doc = rep.to_dict()
     assert doc["passes"] == rep.passes and pickle.loads(pickle.dumps(doc)) == doc

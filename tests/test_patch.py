@@ -222,20 +222,39 @@ def test_shared_activation_module_is_replaced_at_every_name():
     assert model[1] is model[3] and isinstance(model[1], GAAF)
 
 
-def test_untraceable_module_is_reported_once_and_warned():
+def test_untraceable_module_is_patched_at_run_time():
+    """Data-dependent control flow defeats fx: the module's code is rewritten as it runs (passes/scope.py), each
+    branch's activation becoming a GAAF site the first time it runs, named by file and line."""
+
     class Dynamic(nn.Module):
         def forward(self, x):
             if x.sum() > 0:  # data-dependent: torch.fx cannot trace this
                 return F.relu(x)
             return torch.tanh(x)
 
+    torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 3), Dynamic(), nn.ReLU())
-    with pytest.warns(UserWarning, match="2 activation/dropout site"):
+    plain = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         gaaf.patch(model)
     rep = gaaf.report(model)
-    assert {u["target"] for u in rep.unreached} == {"relu", "tanh"}
-    assert all("not traceable" in u["reason"] for u in rep.unreached)
-    assert isinstance(model[2], GAAF)  # the rest of the model is still patched
+    assert rep.unreached == [] and [r["name"] for r in rep.runtime] == ["1"]
+    assert isinstance(model[2], GAAF)  # the rest of the model is patched as before
+    for sign, act in ((1.0, "relu"), (-1.0, "tanh")):
+        h = (torch.linspace(-3, 3, 12).reshape(4, 3) + sign / 2).requires_grad_()  # both signs; the sum picks
+        ref_h = h.detach().clone().requires_grad_()
+        out = model[1](h)
+        ref = plain[1](ref_h)
+        assert torch.equal(out, ref)  # exact mode: the forward is bit-identical
+        out.sum().backward()
+        ref.sum().backward()
+        assert not torch.equal(h.grad, ref_h.grad)  # the gradient is GAAF's
+        assert act in {r["activation"] for r in gaaf.report(model).replaced if r["form"] == "runtime"}
+    names = [r["name"] for r in gaaf.report(model).replaced if r["form"] == "runtime"]
+    assert all(n.startswith("1:test_patch:") for n in names) and len(names) == 2
+    gaaf.unpatch(model)
+    assert "forward" not in model[1].__dict__ and not list(model[1].children())
 
 
 def test_unknown_activation_class_is_reported():

@@ -17,6 +17,7 @@ from .. import gain
 from ..modules import GAAF
 from .context import Context
 from .result import PatchPassResult
+from .scope import scopes
 
 __all__ = ["PASS_NAME", "run", "assign"]
 
@@ -34,6 +35,9 @@ def assign(root: nn.Module, calls: Mapping[str, int] | None = None) -> int:
     for m in auto.values():
         changed += m.delta != delta
         m.delta = delta
+    for module in root.modules():  # sites of code patched at run time get the same allowance when they first run
+        for scope in scopes(module):
+            scope.delta = delta
     return changed
 
 

@@ -91,6 +91,7 @@ class Context:
     # (qualified name, module, training-mode graph) of each method the functional pass traced, after its rewrite:
     # later passes analyse them (fuse), nothing runs them.
     graphs: list[tuple[str, nn.Module, fx.Graph]] = field(default_factory=list)
+    scopes: int = 0  # methods given a run-time scope (code fx cannot trace; passes/scope.py)
 
     def allowed(self, module: nn.Module, name: str) -> bool:
         return self.filter_fn is None or bool(self.filter_fn(module, name))

@@ -22,6 +22,7 @@ from .context import Context
 from .result import PatchPassResult
 from .rewriter import Rewriter
 from .runtime import PatchedForward, _ModuleRef, patched_methods, python_code
+from .scope import RuntimeScope, scopes
 from .tracer import CONSTANTS_ATTR, SELF_ATTR, is_builtin
 
 # PatchedForward and _ModuleRef are named here too: models pickled before the runtime forward had its own module
@@ -39,12 +40,16 @@ def run(ctx: Context) -> PatchPassResult:
     helper methods rewritten); ``changed`` is activations + dropout.
     """
     totals = {"activations": 0, "dropout": 0, "methods": 0}
+    before = ctx.scopes
     for fqn, module in list(ctx.root.named_modules()):
         if is_builtin(module) or targets.module_form(module) is not None or "forward" in module.__dict__:
             continue
         for key, n in _patch_module(ctx, module, fqn).items():
             totals[key] += n
-    return PatchPassResult(PASS_NAME, totals["activations"] + totals["dropout"], totals, ctx.root)
+    totals["runtime_scopes"] = ctx.scopes - before
+    return PatchPassResult(
+        PASS_NAME, totals["activations"] + totals["dropout"] + totals["runtime_scopes"], totals, ctx.root
+    )
 
 
 def _patch_module(ctx: Context, module: nn.Module, fqn: str, method: str = "forward", depth: int = 0) -> dict[str, int]:
@@ -119,16 +124,17 @@ def _note_calls(ctx: Context, fqn: str, graph: fx.Graph) -> None:
 
 
 def _report_untraceable(ctx: Context, module: nn.Module, fqn: str, reason: str, method: str = "forward") -> None:
-    relevant = (
-        targets.SUSPECT_NAMES if ctx.config.strip_dropout else targets.SUSPECT_NAMES - {"dropout", "alpha_dropout"}
-    )
-    for name, line in tracer.suspects(module, method):
-        if name in relevant:
-            ctx.unreach(f"{fqn}:{line}" if fqn else f"<root>:{line}", "function", name, reason)
+    """Code fx cannot trace is rewritten as it runs instead (:mod:`.scope`): the method gets a RuntimeScope."""
+    if isinstance(module.__dict__.get(method), (PatchedForward, RuntimeScope)):
+        return
+    module.__dict__[method] = RuntimeScope(module, fqn, ctx.config, reason, method, ctx.filter_fn)
+    ctx.scopes += 1
 
 
 def unpatch(module: nn.Module) -> bool:
     """Undo :func:`run` on one module. Returns whether there was anything to undo."""
+    for scope in scopes(module):
+        scope.undo()
     patched = patched_methods(module)
     if not patched:
         return False

@@ -1,0 +1,186 @@
+"""Code fx cannot trace, patched at run time: :class:`RuntimeScope`.
+
+A forward that takes ``**kwargs`` or keyword-only arguments, branches on tensor values, or calls module-level helpers
+that do (Hugging Face attention: ``attention_interface(self, q, k, v, dropout=0.0 if not self.training else
+self.attention_dropout)`` reaching ``F.scaled_dot_product_attention(..., dropout_p=p)``) cannot be rewritten ahead of
+time. Instead its module gets a ``RuntimeScope`` as instance ``forward`` (or as the helper method's name): each call
+runs the class's own code under a ``TorchFunctionMode`` that rewrites, as they happen,
+
+- activation calls (``F.gelu``, ``torch.tanh``, ``x.relu()``, ...) into a GAAF child of the module (created the first
+  time a site runs, no state, so ``state_dict`` keys do not change), with the patch's shapes, gain and filter;
+- dropout calls (``F.dropout`` and friends) into the identity, and ``dropout_p`` of attention into 0, when the
+  patch strips dropout.
+
+Only the module's own code is rewritten: a call is taken when the innermost module running it is the scope's module
+(the nearest ``Module._call_impl`` frame), so children, GAAF modules included, and other patched modules are left
+as they are. Gate-like activations (sigmoid, hardsigmoid) are left alone in ``activations="auto"``: without a graph
+one cannot tell whether the output multiplies; they are recorded as skipped, and the audit sees them run.
+
+Sites are named ``<module>:<file>:<line>`` of the calling code, and appear in ``gaaf_patch.report`` once they ran.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from .. import activations as _acts
+from ..config import PatchConfig
+from ..modules import GAAF, Site
+from . import targets
+
+__all__ = ["RuntimeScope", "scopes"]
+
+_CALL_IMPL = nn.Module._call_impl.__code__
+_TORCH_DIR = str(Path(torch.__file__).parent)
+_METHOD_FORMS = {getattr(torch.Tensor, name): form for name, form in targets.METHODS.items()}
+_ACTIVATIONS: dict[Any, targets.FnForm] = {**targets.FUNCTIONS, **_METHOD_FORMS}
+
+
+def _caller(frame: Any) -> tuple[Any, Any]:
+    """(innermost module running the call, the first frame outside torch) from the frame that made it."""
+    site = None
+    while frame is not None:
+        if site is None and not frame.f_code.co_filename.startswith(_TORCH_DIR):
+            site = frame
+        if frame.f_code is _CALL_IMPL:
+            return frame.f_locals.get("self"), site
+        frame = frame.f_back
+    return None, site
+
+
+class _Rewrite(TorchFunctionMode):
+    def __init__(self, scope: RuntimeScope) -> None:
+        super().__init__()
+        self.scope = scope
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        scope = self.scope
+        form = _ACTIVATIONS.get(func)
+        dropout = scope.config.strip_dropout and (func in targets.DROPOUT_FUNCTIONS or func is targets.SDPA)
+        if form is None and not dropout:
+            return func(*args, **kwargs)
+        owner, frame = _caller(sys._getframe(1))
+        if owner is not scope.module:
+            return func(*args, **kwargs)
+        where = f"{Path(frame.f_code.co_filename).stem}:{frame.f_lineno}" if frame is not None else "?"
+        name = f"{scope.fqn or '<root>'}:{where}"
+        if form is not None:
+            return scope.activation(func, form, name, args, kwargs)
+        return scope.dropout(func, name, args, kwargs)
+
+
+class RuntimeScope:
+    """The instance ``method`` of a module whose code fx cannot trace: the class's code, rewritten as it runs."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        fqn: str,
+        config: PatchConfig,
+        why: str,
+        method: str = "forward",
+        filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    ) -> None:
+        self.module, self.fqn, self.config, self.why, self.method = module, fqn, config, why, method
+        self.filter_fn = filter_fn
+        self.delta: float | None = None  # the budget pass's allowance for auto-gain sites
+        self.added: dict[str, str] = {}  # site name -> GAAF child attribute
+        self.stripped: dict[str, dict[str, Any]] = {}
+        self.skipped: dict[str, dict[str, Any]] = {}
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with _Rewrite(self):
+            return getattr(type(self.module), self.method)(self.module, *args, **kwargs)
+
+    # ------------------------------------------------------------------------------------------- the rewrites
+    def _allowed(self, name: str) -> bool:
+        return self.filter_fn is None or bool(self.filter_fn(self.module, name))
+
+    def activation(self, func: Any, form: targets.FnForm, name: str, args: tuple, kwargs: dict) -> Any:
+        act = _acts.get(form.activation)
+        gate = act.gate_like and self.config.activations == "auto"
+        if gate:
+            self.skipped.setdefault(
+                name,
+                {
+                    "name": name,
+                    "activation": form.activation,
+                    "reason": "gate-like, in code fx cannot trace: left alone",
+                },
+            )
+        attr = self.added.get(name)
+        if attr is None:
+            if gate or not self.config.wants(form.activation, False) or not self._allowed(name):
+                return func(*args, **kwargs)
+            params, _inplace = targets.read_params(form, tuple(args[1:]), dict(kwargs))
+            params.pop("input", None)
+            if any(isinstance(v, torch.Tensor) for v in params.values()):
+                return func(*args, **kwargs)
+            label = f"{getattr(func, '__module__', None) or 'torch'}.{getattr(func, '__name__', func)}"
+            gaaf = GAAF(
+                form.activation,
+                self.config.shape_for(form.activation, name),
+                mode=self.config.mode,
+                K=self.config.K,
+                site=Site(name, "runtime", label),
+                delta=self.delta if self.config.gain == "auto" else None,
+                **act.params(params),
+            )
+            attr = f"gaaf_rt_{self.method}{len(self.added)}"
+            self.module.add_module(attr, gaaf)
+            self.added[name] = attr
+        # In-place forms return the result rather than writing it into their input: GAAF keeps autograd's view.
+        return self.module._modules[attr](args[0])
+
+    def dropout(self, func: Any, name: str, args: tuple, kwargs: dict) -> Any:
+        label = f"torch.nn.functional.{getattr(func, '__name__', func)}"
+        if func is targets.SDPA:
+            i = targets.SDPA_DROPOUT_INDEX
+            p = args[i] if len(args) > i else kwargs.get("dropout_p", 0.0)
+            if not p or not self._allowed(name):
+                return func(*args, **kwargs)
+            self.stripped.setdefault(name, {"name": name, "form": "runtime", "target": label + "(dropout_p)", "p": p})
+            if len(args) > i:
+                args = args[:i] + (0.0,) + args[i + 1 :]
+            else:
+                kwargs = {**kwargs, "dropout_p": 0.0}
+            return func(*args, **kwargs)
+        if not self._allowed(name):
+            return func(*args, **kwargs)
+        p = args[1] if len(args) > 1 else kwargs.get("p")
+        self.stripped.setdefault(name, {"name": name, "form": "runtime", "target": label, "p": p})
+        return args[0] if args else kwargs["input"]
+
+    # --------------------------------------------------------------------------------------------- bookkeeping
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.fqn or "<root>", "method": self.method, "why": self.why, "sites_seen": len(self.added)}
+
+    def undo(self) -> None:
+        """Remove this scope and the GAAF children it added."""
+        for attr in self.added.values():
+            self.module._modules.pop(attr, None)
+        if self.module.__dict__.get(self.method) is self:
+            del self.module.__dict__[self.method]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        try:  # a lambda filter cannot travel; the sites it allowed so far are already children
+            import pickle
+
+            pickle.dumps(state["filter_fn"])
+        except Exception:  # noqa: BLE001
+            state["filter_fn"] = None
+        return state
+
+
+def scopes(module: nn.Module) -> list[RuntimeScope]:
+    """The run-time scopes installed on one module."""
+    return [v for v in module.__dict__.values() if isinstance(v, RuntimeScope)]
