@@ -63,6 +63,13 @@ def run_json(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, 
     return rc, json.loads(out)  # --json: stdout is the JSON document and nothing else
 
 
+def counted_sites(spec: str, input_size: tuple[int, ...] = (3, 32, 32)):
+    """The activation sites of the model ``spec`` names, counted in the test from the ops its forward runs."""
+    from tests.helpers import count_activation_sites
+
+    return count_activation_sites(build_model(spec, None, input_size), torch.randn(2, *input_size))
+
+
 def error_line(capsys: pytest.CaptureFixture[str]) -> str:
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
@@ -77,7 +84,7 @@ def test_timm_model_json_exact_is_bit_identical(capsys: pytest.CaptureFixture[st
     assert rc == 0
     assert doc["model"] == "resnet18"
     rep = doc["report"]
-    assert rep["summary"]["replaced"] == 17 == len(rep["replaced"])
+    assert rep["summary"]["replaced"] == counted_sites("resnet18").sites == len(rep["replaced"])
     assert {r["activation"] for r in rep["replaced"]} == {"relu"}
     assert "act1" in {r["name"] for r in rep["replaced"]}
     v = doc["verification"]
@@ -102,8 +109,8 @@ def test_patch_subcommand_is_the_default(capsys: pytest.CaptureFixture[str], fac
 def test_torchvision_model(capsys: pytest.CaptureFixture[str]) -> None:
     rc, doc = run_json(capsys, ["tv:resnet18", *SMALL, "--num-classes", "10"])
     assert rc == 0 and doc["verification"]["ok"] is True
-    # torchvision's resnet18 calls one ReLU module twice per block: 9 modules, each replaced once
-    assert len(doc["report"]["replaced"]) == 9
+    # torchvision's resnet18 calls one ReLU module twice per block: one site per module, each replaced once
+    assert len(doc["report"]["replaced"]) == counted_sites("tv:resnet18").sites
     assert "layer1.0.relu" in {r["name"] for r in doc["report"]["replaced"]}
 
 
@@ -116,7 +123,7 @@ def test_torchvision_vit_takes_the_input_size_and_its_zero_head_is_not_a_failure
     assert doc["verification"]["input_shape"] == [2, 3, 32, 32]
     assert doc["verification"]["output"]["check"] == "bit-identical" and doc["verification"]["ok"]
     assert "does not depend on the input" in json.dumps(doc["verification"])
-    assert doc["report"]["summary"]["by_activation"] == {"gelu": 12}
+    assert doc["report"]["summary"]["by_activation"] == dict(counted_sites("tv:vit_b_16").by_activation)
 
 
 def test_rich_output_lists_sites_and_summary(capsys: pytest.CaptureFixture[str], factory_file: Path) -> None:
@@ -170,7 +177,7 @@ def test_timm_vit_strip_dropout(capsys: pytest.CaptureFixture[str]) -> None:
     rc, doc = run_json(capsys, ["vit_tiny_patch16_224", *SMALL, "--num-classes", "10", "--strip-dropout"])
     assert rc == 0
     rep = doc["report"]
-    assert rep["summary"]["by_activation"] == {"gelu": 12}
+    assert rep["summary"]["by_activation"] == dict(counted_sites("vit_tiny_patch16_224").by_activation)
     names = {r["name"] for r in rep["stripped"]}
     assert {"pos_drop", "blocks.0.attn.attn_drop", "blocks.11.mlp.drop2"} <= names
     assert doc["verification"]["output"]["ok"] is True
@@ -255,10 +262,10 @@ def test_checkpoint_with_wrong_keys_names_them(capsys: pytest.CaptureFixture[str
     assert "conv.weight (1, 2, 3) vs model (8, 3, 3, 3)" in line
 
 
-def test_unreadable_checkpoint(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def test_unreadable_checkpoint(capsys: pytest.CaptureFixture[str], tmp_path: Path, factory_file: Path) -> None:
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
-    model = str(Path(__file__).parent / "toys.py") + ":SmallCNN"
+    model = f"{factory_file}:make_net"
     assert main([model, "--checkpoint", str(junk)]) == 2
     assert "cannot read checkpoint" in error_line(capsys)
     assert main([model, "--checkpoint", str(tmp_path / "absent.pt")]) == 2

@@ -13,7 +13,8 @@ from torch import nn
 
 import gaaf_patch as gaaf
 from gaaf_patch import GAAF, StrippedDropout
-from tests.toys import EveryForm, SmallCNN, mlp
+from gaaf_patch.modules import original_of
+from tests.helpers import DEFAULT_SHAPE, TORCH_FN, EveryForm, SmallCNN, mlp
 
 
 def _count(model: nn.Module, cls: type) -> int:
@@ -105,10 +106,34 @@ def test_patch_twice_is_a_noop(every_form):
     gaaf.patch(model, strip_dropout=True)
     first = gaaf.report(model).to_dict()
     forward = model.__dict__["forward"]
+    modules = [(n, type(m)) for n, m in model.named_modules()]
+    grads = _grads(model, x)
     gaaf.patch(model, strip_dropout=True)
     assert gaaf.report(model).to_dict() == first
     assert model.__dict__["forward"] is forward
-    assert not any(isinstance(m.act, GAAF) for m in model.modules() if isinstance(m, GAAF))
+    assert [(n, type(m)) for n, m in model.named_modules()] == modules  # no module added or swapped
+    assert not any(isinstance(original_of(m), GAAF) for m in model.modules() if isinstance(m, GAAF))
+    for again, once in zip(_grads(model, x), grads, strict=True):  # a site patched twice would add its shape twice
+        assert torch.equal(again, once)
+
+
+@pytest.mark.parametrize(("module", "name"), [(nn.ReLU, "relu"), (nn.Tanh, "tanh"), (nn.Sigmoid, "sigmoid")])
+def test_module_site_forward_is_unchanged_and_its_gradient_is_phi_prime_plus_s(module, name):
+    """Against references written here: the torch function, its autograd derivative and the shape's formula."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 64), module(), nn.Linear(64, 2)).double()
+    x = torch.randn(32, 4, dtype=torch.float64) * 3
+    with torch.no_grad():
+        ref = model(x)
+    gaaf.patch(model, gain="paper")
+    assert type(model[1]) is not module and isinstance(model[1], GAAF)
+    with torch.no_grad():
+        assert torch.equal(model(x), ref)
+    h = model[0](x).detach().requires_grad_()
+    model[1](h).backward(torch.ones_like(h))
+    hd = h.detach().clone().requires_grad_()
+    (dphi,) = torch.autograd.grad(TORCH_FN[name](hd).sum(), hd)
+    torch.testing.assert_close(h.grad, dphi + DEFAULT_SHAPE[name](hd.detach()), rtol=1e-12, atol=1e-12)
 
 
 def test_unpatch_restores_everything(every_form):
@@ -181,7 +206,7 @@ def test_activation_selection_and_gates():
 def test_sigmoid_hidden_activation_is_not_a_gate():
     model = nn.Sequential(nn.Linear(4, 4), nn.Sigmoid(), nn.Linear(4, 2))
     gaaf.patch(model)
-    assert isinstance(model[1], GAAF)
+    assert isinstance(model[1], GAAF) and not gaaf.report(model).skipped
 
 
 def test_shape_overrides_per_activation_pattern_and_callable():
