@@ -254,6 +254,8 @@ def _explain(module: str, kind: str, rep: Any, modules: set[str]) -> str | None:
     for entry in getattr(rep, "kept", []):
         if covers(entry):
             return entry.get("reason", "kept")
+    if kind == "random" and rep.config is not None and not rep.config.get("strip_dropout", False):
+        return "dropout kept (strip_dropout=False)"
     return None
 
 

@@ -36,6 +36,7 @@ class Report:
     fused: list[dict[str, Any]] = field(default_factory=list)  # BatchNorms a ReLU site recomputes from (passes/fuse)
     # code fx cannot trace, rewritten as it runs (passes/scope.py): its sites join replaced/stripped once they ran
     runtime: list[dict[str, Any]] = field(default_factory=list)
+    kept: list[dict[str, Any]] = field(default_factory=list)  # random modules left on purpose: DropPath
     config: dict[str, Any] | None = None
     gradient_scale: dict[str, Any] | None = None  # patched / plain gradient norms, when measured (gradscale.py)
     passes: list[dict[str, Any]] = field(default_factory=list)  # PatchPassResult.to_dict() per pass (passes/result)
@@ -51,6 +52,7 @@ class Report:
             "skipped": self.skipped,
             "fused": self.fused,
             "runtime": self.runtime,
+            "kept": self.kept,
             "config": self.config,
             "gradient_scale": self.gradient_scale,
             "passes": self.passes,
@@ -71,6 +73,7 @@ class Report:
             "skipped": len(self.skipped),
             "fused": len(self.fused),
             "runtime": len(self.runtime),
+            "kept": len(self.kept),
             "by_activation": by_act,
         }
 
@@ -100,6 +103,7 @@ def report(model: nn.Module) -> Report:
         )
         rep.unreached.extend(record.unreached)
         rep.skipped.extend(record.skipped)
+        rep.kept.extend(record.kept)
         rep.config = record.config
         rep.gradient_scale = record.gradient_scale
         rep.passes = [r.to_dict() for r in combine(record.passes)]

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .audit import audit
 from .errors import GaafError, one_line
 from .models import output_tensors
 from .report import report
@@ -129,10 +130,15 @@ class Verification:
     gradient_expect: str  # "differ" (sites were replaced), "equal" (nothing was) or NO_GRADIENT
     gradient_max_abs_diff: float
     seed: int = SEED
+    audit: Any = None  # gaaf_patch.audit.Audit of one train-mode step: the ops that ran outside GAAF, explained or not
+
+    @property
+    def audit_ok(self) -> bool:
+        return self.audit is None or self.audit.ok
 
     @property
     def ok(self) -> bool:
-        return self.output_ok and self.gradient_ok
+        return self.output_ok and self.gradient_ok and self.audit_ok
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -150,6 +156,7 @@ class Verification:
                 "expect": self.gradient_expect,
                 "max_abs_diff": self.gradient_max_abs_diff,
             },
+            "audit": None if self.audit is None else self.audit.to_dict(),
         }
 
 
@@ -212,6 +219,20 @@ def verify(
     if replaced and same_grad and not ref_grad.any():
         # e.g. torchvision's ViTs zero-initialise the head: the output does not depend on the input at all
         expect, grad_ok = NO_GRADIENT, True
+    try:
+        found = audit(patched, batch)
+    except Exception as e:  # noqa: BLE001 - the model ran in eval mode above; train mode is the model's business
+        raise VerificationFailed(f"the patched model fails in train mode: {type(e).__name__}: {one_line(e)}") from e
     return Verification(
-        tuple(input_shape), mode, out.ok, out.check, out.max_abs_diff, out.tolerance, grad_ok, expect, grad_diff, seed
+        tuple(input_shape),
+        mode,
+        out.ok,
+        out.check,
+        out.max_abs_diff,
+        out.tolerance,
+        grad_ok,
+        expect,
+        grad_diff,
+        seed,
+        found,
     )

@@ -178,9 +178,9 @@ def test_timm_vit_strip_dropout(capsys: pytest.CaptureFixture[str]) -> None:
     assert rc == 0
     rep = doc["report"]
     assert rep["summary"]["by_activation"] == dict(counted_sites("vit_tiny_patch16_224").by_activation)
-    names = {r["name"] for r in rep["stripped"]}
-    assert {"pos_drop", "blocks.0.attn.attn_drop", "blocks.11.mlp.drop2"} <= names
+    assert rep["stripped"] == []  # timm's default rates are 0: Dropout(p=0) is the identity, nothing to strip
     assert doc["verification"]["output"]["ok"] is True
+    assert doc["verification"]["audit"]["ok"] and doc["verification"]["audit"]["findings"] == []
 
 
 def test_unknown_model_suggests_close_names(capsys: pytest.CaptureFixture[str]) -> None:
@@ -350,12 +350,13 @@ def test_untraceable_code_is_patched_at_run_time_and_listed(capsys: pytest.Captu
     assert doc["verification"]["gradient"]["ok"] and doc["verification"]["gradient"]["expect"] == "differ"
     assert doc["report"]["unreached"] == []
     (site,) = doc["report"]["replaced"]  # patched at run time: listed once the check ran it
-    assert site["target"] == "torch.tanh" and site["form"] == "runtime" and site["name"] == "<root>:odd:13"
+    line = path.read_text().splitlines().index("        return torch.tanh(x)") + 1
+    assert site["target"] == "torch.tanh" and site["form"] == "runtime" and site["name"] == f"<root>:odd:{line}"
     assert [r["name"] for r in doc["report"]["runtime"]] == ["<root>"]
 
     assert main([f"{path}:make", "--input-size", "4"]) == 0
     out = capsys.readouterr().out
-    assert "<root>:odd:13" in out and "runtime" in out
+    assert f"<root>:odd:{line}" in out and "runtime" in out
 
 
 def test_out_is_written_atomically_a_failed_save_keeps_the_previous_file(tmp_path, monkeypatch, capsys):

@@ -78,9 +78,8 @@ def run(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         calibration = _patch_or_calibrate(model, args, input_shape[1:])
         seconds = time.perf_counter() - start
+    check = verify(original, model, input_shape, args.mode)  # reads the report after running the model
     rep = report(model)
-
-    check = verify(original, model, input_shape, args.mode, replaced=bool(rep.replaced))
     scale, scale_note = _gradient_scale(model, bool(rep.replaced), input_shape)
     rep = report(model)
     if scale is not None and scale.warning():

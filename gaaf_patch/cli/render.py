@@ -72,6 +72,14 @@ def print_report(
     if rep.unreached:
         rows = [(r["name"], r.get("form", ""), r.get("target", ""), r.get("reason", "")) for r in rep.unreached]
         table("not patched (unreached)", ("site", "form", "was", "reason"), rows, style="yellow")
+    if rep.runtime:
+        rows = [(r["name"], r["method"], str(r["sites_seen"]), r["why"]) for r in rep.runtime]
+        table("patched at run time (code fx cannot trace)", ("module", "method", "sites so far", "why"), rows)
+    if rep.kept:
+        rates = ", ".join(sorted({format(r["p"], "g") for r in rep.kept}))
+        console.print(
+            f"kept {len(rep.kept)} DropPath (p {rates}); --strip-droppath removes them", soft_wrap=True, markup=False
+        )
 
     s = rep.summary()
     acts = ", ".join(f"{k} {v}" for k, v in sorted(s["by_activation"].items()))
@@ -90,6 +98,8 @@ def print_report(
 
 
 def _check_line(check: Verification) -> str:
+    from rich.markup import escape
+
     out_word = "[green]ok[/]" if check.output_ok else "[red]FAILED[/]"
     tol = "" if check.output_check == "bit-identical" else f", tolerance {check.output_tolerance:.3g}"
     grad_word = "[green]ok[/]" if check.gradient_ok else "[red]FAILED[/]"
@@ -98,10 +108,19 @@ def _check_line(check: Verification) -> str:
         if check.gradient_expect == NO_GRADIENT
         else f"input gradient should {check.gradient_expect}: {grad_word} (max |diff| {check.gradient_max_abs_diff:.3g})"
     )
-    return (
+    line = (
         f"forward {check.output_check} on {list(check.input_shape)}: {out_word} "
         f"(max |diff| {check.output_max_abs_diff:.3g}{tol}); {grad_text}"
     )
+    if check.audit is not None:
+        a = check.audit
+        word = "[green]ok[/]" if a.ok else "[red]FAILED[/]"
+        line += (
+            f"\naudit (one train-mode step, ops outside GAAF): {word}: {len(a.findings)} found, "
+            f"{len(a.findings) - len(a.silent)} in the report, {len(a.silent)} silent"
+        )
+        line += "".join(f"\n  [red]{escape(f.line())}[/]" for f in a.silent)
+    return line
 
 
 def print_gradient_scale(scale: GradientScale | None, note: str) -> None:

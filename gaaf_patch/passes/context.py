@@ -39,6 +39,7 @@ class PatchRecord:
     calls: dict[str, int] = field(default_factory=dict)  # child module -> calls per parent forward, from traces
     stripped: list[dict[str, Any]] = field(default_factory=list)  # dropout removed from traced code (functional)
     passes: list[PatchPassResult] = field(default_factory=list)  # every pass run, in order, over all patch calls
+    kept: list[dict[str, Any]] = field(default_factory=list)  # random modules left on purpose (DropPath)
 
     @classmethod
     def for_config(cls, config: PatchConfig) -> PatchRecord:
@@ -55,6 +56,7 @@ class PatchRecord:
         _merge(self.unreached, ctx.unreached)
         _merge(self.skipped, ctx.skipped)
         _merge(self.stripped, ctx.stripped)
+        _merge(self.kept, ctx.kept)
         self.attributes.extend(ctx.attributes)
         self.passes.extend(r.detached() for r in results)
 
@@ -92,6 +94,7 @@ class Context:
     # later passes analyse them (fuse), nothing runs them.
     graphs: list[tuple[str, nn.Module, fx.Graph]] = field(default_factory=list)
     scopes: int = 0  # methods given a run-time scope (code fx cannot trace; passes/scope.py)
+    kept: list[dict[str, Any]] = field(default_factory=list)  # random modules left on purpose (DropPath)
 
     def allowed(self, module: nn.Module, name: str) -> bool:
         return self.filter_fn is None or bool(self.filter_fn(module, name))

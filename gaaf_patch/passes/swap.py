@@ -50,11 +50,9 @@ def run_dropout(ctx: Context) -> PatchPassResult:
     """The ``dropout`` pass: replace dropout modules (and DropPath when ``strip_droppath``); zero
     ``MultiheadAttention.dropout``. Counts ``modules`` (a module registered twice counts once) and ``attributes``."""
     cfg = ctx.config
-    kinds: tuple[type, ...] = (targets.DROPOUT_MODULES if cfg.strip_dropout else ()) + (
-        targets.DROPPATH_MODULES if cfg.strip_droppath else ()
-    )
     done: dict[int, nn.Module] = {}
-    n_attrs = 0
+    n_attrs = _layerdrop(ctx) if cfg.strip_dropout else 0
+    kept: set[int] = set()
     for parent, attr, fqn, child in list(_entries(ctx.root)):
         if isinstance(child, nn.MultiheadAttention) and cfg.strip_dropout and child.dropout:
             if ctx.allowed(child, fqn):
@@ -68,16 +66,40 @@ def run_dropout(ctx: Context) -> PatchPassResult:
                 child.dropout = 0.0
                 n_attrs += 1
             continue
-        if not kinds or not isinstance(child, kinds):
+        droppath = targets.is_droppath(child)
+        wanted = (cfg.strip_droppath and droppath) or (
+            cfg.strip_dropout and not droppath and isinstance(child, targets.DROPOUT_MODULES)
+        )
+        p = targets.drop_rate(child)
+        if droppath and not cfg.strip_droppath and p and id(child) not in kept:
+            kept.add(id(child))  # left on purpose: the report says so, and how to remove it
+            ctx.kept.append(
+                {"name": fqn, "target": type(child).__name__, "p": p, "reason": "DropPath kept (strip_droppath=True)"}
+            )
+        if not wanted or p == 0:  # Dropout(p=0) is already the identity: nothing to strip, nothing to count
             continue
         if id(child) not in done:
             if not ctx.allowed(child, fqn):
                 continue
-            p = getattr(child, "p", getattr(child, "drop_prob", None))
             done[id(child)] = StrippedDropout(Site(fqn, "module", type(child).__name__), child, p)
         setattr(parent, attr, done[id(child)])
     counts = {"modules": len(done), "attributes": n_attrs}
     return PatchPassResult(DROPOUT_PASS, len(done) + n_attrs, counts, ctx.root)
+
+
+def _layerdrop(ctx: Context) -> int:
+    """Zero Hugging Face's LayerDrop probabilities (a float attribute the forward compares ``torch.rand([])`` with);
+    ``unpatch`` puts them back. Returns how many were set."""
+    n = 0
+    for fqn, module in ctx.root.named_modules():
+        for attr in targets.LAYERDROP_ATTRS:
+            value = module.__dict__.get(attr)
+            if isinstance(value, float) and value > 0 and ctx.allowed(module, fqn):
+                entry = {"name": f"{fqn}.{attr}" if fqn else attr, "form": "attribute", "target": attr, "p": value}
+                ctx.attributes.append((module, attr, value, entry))
+                setattr(module, attr, 0.0)
+                n += 1
+    return n
 
 
 def run_activations(ctx: Context) -> PatchPassResult:

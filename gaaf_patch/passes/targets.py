@@ -7,6 +7,7 @@ serve the eager passes (``torch.fx`` graphs of user modules) and the Dynamo back
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -180,6 +181,24 @@ def _droppath_modules() -> tuple[type, ...]:
 
 
 DROPPATH_MODULES: tuple[type, ...] = _droppath_modules()
+# Any other library's stochastic depth (Hugging Face defines one per model: BeitDropPath, ConvNextDropPath, ...) is
+# recognised by its class name, with its rate in ``drop_prob`` / ``p``: a rule, not a list.
+_DROPPATH_NAME = re.compile(r"DropPath|StochasticDepth")
+# Float attributes a forward reads as a random layer-skipping probability (Hugging Face's LayerDrop).
+LAYERDROP_ATTRS = ("layerdrop", "encoder_layerdrop", "decoder_layerdrop")
+
+
+def is_droppath(module: nn.Module) -> bool:
+    return isinstance(module, DROPPATH_MODULES) or bool(_DROPPATH_NAME.search(type(module).__name__))
+
+
+def drop_rate(module: nn.Module) -> float | None:
+    """The drop probability a dropout-like module holds (``p``, ``drop_prob``, ``drop_rate``), if any."""
+    for attr in ("p", "drop_prob", "drop_rate"):
+        value = getattr(module, attr, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return None
 
 
 def _dropblock_modules() -> tuple[type, ...]:
