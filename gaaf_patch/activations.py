@@ -159,6 +159,14 @@ def _quick_gelu_d(x: Tensor, y: Tensor) -> Tensor:
     return s * (1 + _QUICK * x * (1 - s))
 
 
+def _relu2(x: Tensor) -> Tensor:
+    return torch.square(torch.relu(x))  # transformers' ReLUSquaredActivation, op for op
+
+
+def _relu2_d(x: Tensor, y: Tensor) -> Tensor:
+    return 2 * torch.relu(x)
+
+
 def _mish_d(x: Tensor, y: Tensor) -> Tensor:
     t = torch.tanh(F.softplus(x))
     return t + x * (1 - t * t) * torch.sigmoid(x)
@@ -256,6 +264,12 @@ ACTIVATIONS: dict[str, Activation] = {
         Activation(
             "quick_gelu", _quick_gelu, _quick_gelu_d, shape=_RELU_LIKE,  # no PyTorch kernel of its own: mul, sigmoid
             class_names=("quickgelu",),
+        ),
+        Activation(
+            # Primer's squared ReLU. Its phi' = 2x never settles at a slope, so the shape lives on the saturated side
+            # only (a bump at x = -1.5, 0.1 at x = 0): relu's, near 1 for x > 0, would pull phi' toward 1 there.
+            "relu2", _relu2, _relu2_d, shape=("gauss", {"width": 1.0, "center": -1.5}), kinks=lambda p: (0.0,),
+            class_names=("relu2", "relusquared", "squaredrelu"),
         ),
         Activation(
             "mish", lambda x: F.mish(x), _mish_d, shape=_RELU_LIKE,

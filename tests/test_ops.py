@@ -35,6 +35,7 @@ TORCH = {
     "gelu": F.gelu,
     "silu": F.silu,
     "quick_gelu": quick_gelu,
+    "relu2": lambda x: torch.square(torch.relu(x)),  # transformers' ReLUSquaredActivation
     "mish": F.mish,
     "softplus": F.softplus,
     "tanh": torch.tanh,
@@ -59,6 +60,7 @@ CASES = [
     ("gelu", {"approximate": "tanh"}),
     ("silu", {}),
     ("quick_gelu", {}),
+    ("relu2", {}),
     ("mish", {}),
     ("softplus", {}),
     ("softplus", {"beta": 2.0}),
@@ -395,6 +397,8 @@ EXTREMES = [
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 @pytest.mark.parametrize("name, params", CASES, ids=IDS)
 def test_half_extremes_are_finite(name, params, dtype):
+    if name == "relu2":
+        pytest.skip("relu(x)^2 itself overflows half precision past |x| = 256, and its phi' = 2x is unbounded")
     xs = torch.tensor(EXTREMES + kinks(name, params), dtype=F64).to(dtype)
     assert torch.isfinite(xs).all()
     for mode in ("exact", "sawtooth"):

@@ -62,6 +62,7 @@ REFERENCE = {
     "gelu": _relu_like,
     "silu": _relu_like,
     "quick_gelu": _relu_like,
+    "relu2": lambda x: torch.exp(-((x + 1.5) ** 2)),  # a bump on the saturated side only
     "mish": _relu_like,
     "softplus": _relu_like,
     "hardswish": lambda x: _sig(5.0 * (x + 3.5)),
@@ -368,6 +369,7 @@ def test_zero_shape_is_zero_for_any_input():
 FAR = {
     **{a: (-10.0, None) for a in "relu leaky_relu elu selu celu gelu silu quick_gelu mish softplus hardswish".split()},
     "relu6": (-10.0, 16.0),
+    "relu2": (-10.0, 10.0),  # its bump sits on the saturated side only
     "tanh": (-10.0, 10.0),
     "hardtanh": (-10.0, 10.0),
     "sigmoid": (-10.0, 10.0),

@@ -18,6 +18,7 @@ from .. import activations as _acts
 from ..config import PatchConfig
 from ..gain import MAX_DELTA
 from ..modules import GAAF, Site
+from . import probe
 from .result import PatchPassResult
 
 RECORD_ATTR = "_gaaf_record"
@@ -126,5 +127,4 @@ class Context:
         return "gate" in leaf.lower() or "scale" in leaf.lower() or bool(_GATE_PARENT.search(type(parent).__name__))
 
 
-def looks_like_activation(module: nn.Module) -> bool:
-    return bool(_ACTIVATION_CLASS.search(type(module).__name__))
+looks_like_activation = probe.looks_like_activation

@@ -17,7 +17,7 @@ from __future__ import annotations
 from torch import fx, nn
 
 from ..modules import GAAF
-from . import targets, tracer
+from . import probe, targets, tracer
 from .context import Context
 from .result import PatchPassResult
 from .rewriter import Rewriter
@@ -44,6 +44,8 @@ def run(ctx: Context) -> PatchPassResult:
     for fqn, module in list(ctx.root.named_modules()):
         if is_builtin(module) or targets.module_form(module) is not None or "forward" in module.__dict__:
             continue
+        if probe.looks_like_activation(module) and not list(module.children()):
+            continue  # an activation no table maps: never patched inside (the modules pass reports it)
         for key, n in _patch_module(ctx, module, fqn).items():
             totals[key] += n
     totals["runtime_scopes"] = ctx.scopes - before

@@ -20,7 +20,7 @@ from torch import nn
 
 from .. import activations as _acts
 from ..modules import GAAF, Site, StrippedDropout, original_of
-from . import targets
+from . import probe, targets
 from .context import Context, looks_like_activation
 from .result import PatchPassResult
 
@@ -54,6 +54,13 @@ def run_dropout(ctx: Context) -> PatchPassResult:
     n_attrs = _layerdrop(ctx) if cfg.strip_dropout else 0
     kept: set[int] = set()
     for parent, attr, fqn, child in list(_entries(ctx.root)):
+        if isinstance(child, nn.RNNBase) and cfg.strip_dropout and child.dropout:  # between stacked layers
+            if ctx.allowed(child, fqn):
+                entry = {"name": f"{fqn}.dropout", "form": "attribute", "target": f"{type(child).__name__}.dropout"}
+                ctx.attributes.append((child, "dropout", child.dropout, {**entry, "p": child.dropout}))
+                child.dropout = 0.0
+                n_attrs += 1
+            continue
         if isinstance(child, nn.MultiheadAttention) and cfg.strip_dropout and child.dropout:
             if ctx.allowed(child, fqn):
                 entry = {
@@ -121,6 +128,9 @@ def run_activations(ctx: Context) -> PatchPassResult:
             continue
         form = targets.module_form(child)
         done[id(child)] = None
+        if isinstance(child, (nn.RNNBase, nn.RNNCellBase)):
+            ctx.unreach(fqn, "module", type(child).__name__, _RECURRENT)
+            continue
         if form is None:
             if looks_like_activation(child):
                 lookalikes.append((fqn, child))
@@ -145,9 +155,16 @@ def run_activations(ctx: Context) -> PatchPassResult:
     # An activation-looking class (QuickGELU, HardMish, PReLU) that nothing was patched inside: say so. Checked
     # after the walk, which reaches a parent before its children (metaformer's StarReLU holds an nn.ReLU).
     for fqn, child in lookalikes:
-        if not any(isinstance(m, GAAF) for m in child.modules()):
-            ctx.unreach(fqn, "module", type(child).__name__, "no GAAF form for this class")
+        why = probe.why_not(child)
+        if why is not None and not any(isinstance(m, GAAF) for m in child.modules()):
+            ctx.unreach(fqn, "module", type(child).__name__, why)
     return PatchPassResult(PASS_NAME, n + n_attrs, {"modules": n, "attributes": n_attrs}, ctx.root)
+
+
+_RECURRENT = (
+    "no GAAF form: the recurrent tanh/sigmoid run inside PyTorch's RNN kernel (its inter-layer dropout is stripped "
+    "with strip_dropout)"
+)
 
 
 def _parent_name(fqn: str) -> str:

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import probe
+
 
 @dataclass(frozen=True)
 class FnForm:
@@ -129,11 +131,16 @@ MODULES: dict[type, ModuleForm] = _module_rows()
 
 
 def module_form(m: nn.Module) -> ModuleForm | None:
-    """The row for ``m``: its class, or a subclass that does not override ``forward``."""
+    """The row for ``m``: its class, or a subclass that does not override ``forward``; else, for a module called
+    like an activation, the activation its values show (:mod:`.probe`), forwarding the module itself."""
     for cls in type(m).__mro__:
         if cls in MODULES:
             return MODULES[cls] if type(m).forward is cls.forward else None
-    return None
+    found = probe.identify(m)
+    if found is None or found == probe.IDENTITY:
+        return None
+    name, params = found
+    return ModuleForm(name, lambda _m, p=params: dict(p), own_phi=True)
 
 
 DROPOUT_MODULES: tuple[type, ...] = (
