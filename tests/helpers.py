@@ -246,16 +246,8 @@ def unfused(model: nn.Module) -> nn.Module:
 
 
 def saved_storages(model: nn.Module, x: torch.Tensor) -> dict[int, int]:
-    """data_ptr -> bytes of every distinct non-parameter storage autograd keeps for backward."""
-    params = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    seen: dict[int, int] = {}
+    """data_ptr -> bytes of every distinct non-parameter storage autograd keeps for ``model(x).sum()`` (the
+    benchmark's probe, :func:`benchmarks.memory.saved_storages`)."""
+    from benchmarks.memory import saved_storages as probe
 
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in params:
-            seen[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x).sum()
-    return seen
+    return probe(model, lambda: model(x).sum())

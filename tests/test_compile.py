@@ -25,7 +25,7 @@ from gaaf_patch.config import PatchConfig
 from gaaf_patch.gain import delta_for
 from gaaf_patch.passes import targets
 from gaaf_patch.shapes import get as get_shape
-from tests.toys import EveryForm, SmallCNN, mlp
+from tests.helpers import EveryForm, FunctionalTanhGeluRelu, SmallCNN, assert_fused, kernel_counts, mlp
 
 TOL = {"rtol": 1e-4, "atol": 1e-5}  # float32, across Inductor's fused kernels and eager
 
@@ -390,41 +390,6 @@ def test_strip_dropout():
     assert not torch.equal(kept(x), kept(x))
 
 
-def _kernels(code: str) -> int:
-    """Kernels Inductor generated (C++ on CPU, Triton on GPU) in one output module."""
-    return len(re.findall(r"^(?:cpp_fused|triton_)\w* = async_compile\.", code, flags=re.M))
-
-
-def kernel_counts(model: nn.Module, x: torch.Tensor) -> dict[str, list[int]]:
-    """backend -> [forward, backward] kernels Inductor generates for ``model`` under "inductor", under "gaaf" (the
-    auto gain) and under the gaaf backend with the paper's gain ("paper")."""
-    from torch._inductor.utils import run_fw_bw_and_get_code
-
-    counts = {}
-    # no graph caches, so the code is generated (and seen) again; the C++ compiler's cache still saves time
-    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
-        for name, backend in (
-            ("inductor", "inductor"),
-            ("gaaf", "gaaf"),
-            ("paper", GAAFBackend(PatchConfig(gain="paper"))),
-        ):
-            torch._dynamo.reset()
-            compiled = torch.compile(copy.deepcopy(model), backend=backend)
-            _, code = run_fw_bw_and_get_code(lambda c=compiled: c(x.clone().requires_grad_()))
-            assert len(code) == 2, "expected one forward and one backward module"
-            counts[name] = [_kernels(c) for c in code]
-    return counts
-
-
-def assert_fused(counts: dict[str, list[int]], sites: int) -> None:
-    """The paper's gain adds no kernel; the auto gain adds one small reduction per site to the backward (the blend
-    coefficient's moments on a sample, which the pointwise kernel then reads)."""
-    assert all(n > 0 for n in counts["inductor"]), counts
-    assert counts["paper"][0] <= counts["inductor"][0] and counts["paper"][1] <= counts["inductor"][1], counts
-    assert counts["gaaf"][0] <= counts["inductor"][0], counts
-    assert counts["gaaf"][1] <= counts["inductor"][1] + sites, counts
-
-
 def test_inductor_fuses_the_gaaf_op():
     """Forward and backward: the gaaf backend generates no more kernels than plain Inductor on the same model."""
     torch.manual_seed(0)
@@ -433,20 +398,11 @@ def test_inductor_fuses_the_gaaf_op():
     assert_fused(counts, sites=3)
 
 
-class Mixed(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.b, self.c = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c(F.gelu(self.b(torch.tanh(self.a(x)))) + F.relu(x.sum(1, keepdim=True)))
-
-
 @pytest.mark.parametrize("mode", ["exact", "sawtooth"])
 @pytest.mark.parametrize("precision", ["bf16_model", "autocast"])
 def test_mixed_precision_stays_finite(mode, precision):
     torch.manual_seed(0)
-    model = Mixed()
+    model = FunctionalTanhGeluRelu()
     x = torch.linspace(-60000, 60000, 8 * 8).view(8, 8)
     if precision == "bf16_model":
         model, x = model.bfloat16(), x.bfloat16()

@@ -20,7 +20,7 @@ from torch import nn
 
 import gaaf_patch
 from gaaf_patch.passes.runtime import PatchedForward
-from tests.toys import EveryForm, SmallCNN, mlp
+from tests.helpers import EveryForm, SmallCNN, mlp
 
 
 def _grads(model: nn.Module, x: torch.Tensor):
@@ -32,7 +32,7 @@ def _grads(model: nn.Module, x: torch.Tensor):
     return y.detach(), x.grad, [p.grad.clone() for p in model.parameters()]
 
 
-class Mixed(nn.Module):
+class ModuleAndFunctionalForms(nn.Module):
     """A module-form tanh (swapped) and functional relu/tanh in ``forward`` (rewritten: ``PatchedForward``)."""
 
     def __init__(self) -> None:
@@ -60,7 +60,7 @@ def _functional_sites(model: nn.Module) -> int:
 def test_torch_compile_of_a_patched_model_matches_eager():
     torch._dynamo.reset()
     torch.manual_seed(0)
-    plain = Mixed()
+    plain = ModuleAndFunctionalForms()
     patched = gaaf_patch.patch(copy.deepcopy(plain))
     assert _functional_sites(patched) == 1 and len(gaaf_patch.report(patched).replaced) == 3
     compiled = torch.compile(copy.deepcopy(patched), backend="inductor")

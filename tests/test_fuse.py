@@ -17,8 +17,8 @@ from torch import nn
 
 import gaaf_patch
 from gaaf_patch import fused
-from tests.test_perf_invariants import _saved_storages
-from tests.toys import SmallCNN
+from tests.helpers import SmallCNN, unfused
+from tests.helpers import saved_storages as _saved_storages
 
 F64 = torch.float64
 
@@ -43,15 +43,6 @@ class Block(nn.Module):
         return self.head(y)
 
 
-def _unfused(model: nn.Module) -> nn.Module:
-    """A patched copy with every fused BatchNorm put back to its plain class: the unfused reference."""
-    ref = copy.deepcopy(model)
-    for m in ref.modules():
-        if isinstance(m, fused.BatchNormRecompute):
-            m.__class__ = next(k for k, v in fused.FUSABLE.items() if v is type(m))
-    return ref
-
-
 def _saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
     return sum(_saved_storages(model, x).values())
 
@@ -72,10 +63,10 @@ def test_pairs_found_in_traced_code_and_sequentials():
     assert not gaaf_patch.report(model).fused
 
 
-def test_same_forward_stats_and_close_gradients_as_unfused():
+def test_same_forward_stats_and_close_gradients_asunfused():
     torch.manual_seed(0)
     model = gaaf_patch.patch(Block())
-    ref = _unfused(model)
+    ref = unfused(model)
     assert len(_fused_names(model)) == 4 and not _fused_names(ref)
     x = torch.randn(4, 6, 7, 7, requires_grad=True)
     xr = x.detach().clone().requires_grad_()
@@ -132,11 +123,11 @@ def test_saved_bytes_drop_to_unpatched():
     patched = gaaf_patch.patch(copy.deepcopy(base))
     x = torch.randn(2, 3, 8, 8)
     act_bytes = 2 * 8 * 8 * 8 * 4
-    assert _saved_bytes(_unfused(patched), x) == _saved_bytes(base, x) + 2 * act_bytes
+    assert _saved_bytes(unfused(patched), x) == _saved_bytes(base, x) + 2 * act_bytes
     assert _saved_bytes(patched, x) == _saved_bytes(base, x)
 
 
-def test_resnet_residual_sites_recompute_and_match_unfused():
+def test_resnet_residual_sites_recompute_and_matchunfused():
     """torchvision ResNet-50: every BatchNorm is converted (33 feed a ReLU, 16 feed one through the residual add,
     4 are downsample branches), saved bytes equal the unpatched model's, and gradients match the unfused patch."""
     import torchvision
@@ -147,7 +138,7 @@ def test_resnet_residual_sites_recompute_and_match_unfused():
     assert len(_fused_names(model)) == 53 == sum(isinstance(m, nn.BatchNorm2d) for m in base.modules())
     x = torch.randn(2, 3, 32, 32)
     assert _saved_bytes(model, x) == _saved_bytes(base, x)
-    ref = _unfused(model)
+    ref = unfused(model)
     assert _saved_bytes(ref, x) > _saved_bytes(base, x)
     out, out_ref = model(x), ref(x)
     assert torch.equal(out, out_ref)
@@ -190,7 +181,7 @@ def test_relu_family(act):
     torch.manual_seed(0)
     model = gaaf_patch.patch(nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), act, nn.Linear(8, 2)))
     assert _fused_names(model) == ["1"]
-    ref = _unfused(model)
+    ref = unfused(model)
     x = torch.randn(16, 4) * 4
     model(x).sum().backward()
     ref(x).sum().backward()
@@ -243,7 +234,7 @@ def test_double_backward_through_fused_batchnorm_fails_loudly():
 def test_compiled_patched_model_takes_the_stock_path():
     torch.manual_seed(0)
     model = gaaf_patch.patch(SmallCNN())
-    ref = _unfused(model)
+    ref = unfused(model)
     x = torch.randn(2, 3, 8, 8)
     compiled = torch.compile(model, backend="aot_eager")
     out = compiled(x)

@@ -20,7 +20,7 @@ import gaaf_patch
 from gaaf_patch import gaaf, kernels, ops
 from gaaf_patch.activations import ACTIVATIONS
 from gaaf_patch.shapes import get as get_shape
-from tests.toys import SmallCNN, mlp
+from tests.helpers import SmallCNN, mlp
 
 F64 = torch.float64
 

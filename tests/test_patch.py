@@ -282,24 +282,27 @@ def test_untraceable_module_is_patched_at_run_time():
     assert "forward" not in model[1].__dict__ and not list(model[1].children())
 
 
-def test_unknown_activation_class_is_reported():
+def test_activation_classes_are_identified_by_their_values_or_reported():
     class HardMish(nn.Module):  # an activation with no GAAF form
         def forward(self, x):
             return 0.5 * x * (x + 2).clamp(min=0, max=2)
 
-    class QuickGELU(nn.Module):  # x * sigmoid(1.702 x): the sigmoid alone is a gate, the class has no GAAF form
+    class QuickGELU(nn.Module):  # x * sigmoid(1.702 x): its values are the quick_gelu family's
         def forward(self, x):
             return x * torch.sigmoid(1.702 * x)
 
-    class MyGELU(nn.Module):  # an activation class whose code holds a known activation: patched inside
+    class MyGELU(nn.Module):  # an activation class computing a known activation: that family, as a whole
         def forward(self, x):
             return F.gelu(x)
 
     model = nn.Sequential(nn.Linear(3, 3), HardMish(), nn.PReLU(), QuickGELU(), MyGELU())
-    with pytest.warns(UserWarning, match="3 activation/dropout site"):
+    with pytest.warns(UserWarning, match="2 activation/dropout site"):
         gaaf.patch(model)
-    assert {u["target"] for u in gaaf.report(model).unreached} == {"PReLU", "HardMish", "QuickGELU"}
-    assert [r["name"] for r in gaaf.report(model).replaced] == ["4.gelu"]
+    unreached = {u["target"]: u["reason"] for u in gaaf.report(model).unreached}
+    assert set(unreached) == {"PReLU", "HardMish"}
+    assert "learned" in unreached["PReLU"] and "match no activation" in unreached["HardMish"]
+    replaced = [(r["name"], r["activation"], r["target"]) for r in gaaf.report(model).replaced]
+    assert replaced == [("3", "quick_gelu", "QuickGELU"), ("4", "gelu", "MyGELU")]
 
 
 def test_call_with_untraced_arguments_warns_and_runs_original():

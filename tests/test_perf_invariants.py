@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -18,11 +19,11 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import gaaf_patch
-from benchmarks.memory import saved_storages
 from gaaf_patch import gaaf, kernels, ops
 from gaaf_patch.activations import ACTIVATIONS
 from gaaf_patch.shapes import get as get_shape
-from tests.toys import SmallCNN, mlp
+from tests.helpers import SmallCNN, mlp
+from tests.helpers import saved_storages as _saved_storages
 
 F64 = torch.float64
 # Ops that compute nothing (views, detach): not counted as kernels.
@@ -70,12 +71,6 @@ def _site_ops(name: str, shape=None, mode: str = "exact", **params):
     with _Ops() as bwd:
         y.backward(gy)
     return fwd.names, bwd.names
-
-
-def _saved_storages(model: nn.Module, x: torch.Tensor) -> dict[int, int]:
-    """data_ptr -> bytes of every distinct non-parameter storage autograd keeps for backward (the benchmark's probe,
-    :func:`benchmarks.memory.saved_storages`, on ``model(x).sum()``)."""
-    return saved_storages(model, lambda: model(x).sum())
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -314,4 +309,7 @@ def test_benchmark_memory_probes():
     rb, rg = Runner(base, x, t), Runner(gaaf_patch.patch(copy.deepcopy(base)), x, t)
     assert saved_bytes(rb) == saved_bytes(rg) > 0
     peak = peak_step_bytes(rb)
-    assert peak is None or peak > 0
+    if sys.platform.startswith("linux"):  # glibc's mallinfo2: the probe measures; the step holds what it saved
+        assert peak is not None and peak >= saved_bytes(rb), peak
+    else:
+        assert peak is None or peak >= saved_bytes(rb)

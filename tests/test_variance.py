@@ -64,7 +64,7 @@ def test_probe_eq6_matches_empirical_on_linear_dropout_tanh(inplace):
 def test_sites_not_fed_and_upstream_noise():
     """The MLP with dropout after each hidden tanh: site 1 sees no noise (exactly 0); site 7 sees its own dropout
     plus what dropout 2 passes through layer 3, so the masks measure more than eq. 6."""
-    from tests.toys import mlp
+    from tests.helpers import mlp
 
     torch.manual_seed(0)
     model = mlp(dropout=0.5, sizes=(30, 40, 40, 40, 5))

@@ -1,7 +1,7 @@
 """Activation modules no table names, identified by their values: a rule, not a list that is always one class short.
 
 A module whose class is called like an activation (any ``class_names`` ending of the activation table, or a name
-ending in ``Activation``/``Act``, as Hugging Face's ``NewGELUActivation``, ``QuickGELUActivation``,
+ending in ``Activation`` on a module without children, as Hugging Face's ``NewGELUActivation``, ``QuickGELUActivation``,
 ``ReLUSquaredActivation`` are) and that holds no parameters, buffers or children is run on a grid of inputs
 (float64, [-8, 8]). If its values are those of an activation of the table (with its default parameters, or GELU's
 tanh approximation) to 1e-6, it *is* that activation: the ``modules`` pass replaces the whole module by a GAAF of that
@@ -26,7 +26,7 @@ __all__ = ["looks_like_activation", "identify", "why_not", "IDENTITY"]
 
 IDENTITY = ("identity", {})
 _NAME = _acts.class_name_pattern()
-_GENERIC = re.compile(r"(Activation|Act)$")
+_GENERIC = re.compile(r"Activation$")
 _GRID = torch.linspace(-8.0, 8.0, 1601, dtype=torch.float64)
 _TOL = 1e-6
 _CANDIDATES: list[tuple[str, dict[str, Any]]] = [
@@ -37,8 +37,10 @@ _seen: weakref.WeakKeyDictionary[nn.Module, tuple[str, dict[str, Any]] | None] =
 
 
 def looks_like_activation(module: nn.Module) -> bool:
+    """Called like an activation: an ending from the table, or ``...Activation`` on a leaf (torchvision's
+    ``Conv2dNormActivation`` is a block with children, not an activation)."""
     name = type(module).__name__
-    return bool(_NAME.search(name) or _GENERIC.search(name))
+    return bool(_NAME.search(name) or (_GENERIC.search(name) and not list(module.children())))
 
 
 def _values(module: nn.Module) -> torch.Tensor | None:
