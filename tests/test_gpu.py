@@ -4,7 +4,7 @@ formulas of tests/helpers.py).
 
 Every test takes a ``device``. Its ``cuda`` cases are marked ``gpu`` and skipped without a CUDA device (CI has none);
 its ``cpu`` cases always run, so the assertions are exercised on every machine. What only a GPU has (Triton kernel
-counts, GradScaler's float16 steps) and compiled reduced precision, which tests/test_compile.py checks on the CPU
+counts, GradScaler's float16 steps) and compiled reduced precision, which tests/test_backend.py checks on the CPU
 (test_mixed_precision_stays_finite), are collected for ``cuda`` only; so is float16 autocast.
 """
 
@@ -113,7 +113,7 @@ def test_compiled_matches_eager_patch(model, how, device):
 @pytest.mark.parametrize("device", cases(CUDA))
 def test_inductor_fuses_the_gaaf_op(device):
     """The gaaf backend generates no more Triton kernels than plain Inductor, forward and backward, but the auto
-    gain's one reduction per site (the CPU's C++ kernels: tests/test_compile.py)."""
+    gain's one reduction per site (the CPU's C++ kernels: tests/test_backend.py)."""
     torch.manual_seed(0)
     counts = kernel_counts(SmallCNN().to(device), torch.randn(2, 3, 8, 8, device=device))
     assert_fused(counts, sites=3)
@@ -138,7 +138,7 @@ def test_half_extremes_stay_finite(name, dtype, mode, compiled, device):
 
 @pytest.mark.parametrize(
     ("device", "dtype", "mode", "compiled"),
-    cases(["cpu"], [torch.bfloat16], ["exact", "sawtooth"], [False])  # compiled: tests/test_compile.py
+    cases(["cpu"], [torch.bfloat16], ["exact", "sawtooth"], [False])  # compiled: tests/test_backend.py
     + cases(CUDA, HALF, ["exact", "sawtooth"], [False, True]),
 )
 def test_autocast_stays_finite(dtype, mode, compiled, device):

@@ -76,7 +76,7 @@ def test_torch_compile_of_a_patched_model_matches_eager():
 
 def test_ddp_wraps_a_patched_model(tmp_path):
     """Patched, then wrapped: DDP's hooks average GAAF gradients like any other (one gloo process, in-process; the
-    two-process run is tests/test_finetune.py::test_torchrun_two_processes_end_with_identical_weights)."""
+    two-process run is tests/finetune/test_finetune.py::test_torchrun_two_processes_end_with_identical_weights)."""
     model = gaaf_patch.patch(SmallCNN())
     assert _functional_sites(model) == 1
     x = _x(4, 3, 8, 8)

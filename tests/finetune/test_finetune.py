@@ -31,7 +31,7 @@ from gaaf_patch.finetune import (
     state_digest,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RESNET = ["test_resnet", "--input-size", "3,16,16"]
 TOY = '''
 from torch import nn

@@ -437,7 +437,7 @@ def test_python_dash_m() -> None:
 
     from gaaf_patch import __version__
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     proc = subprocess.run([sys.executable, "-m", "gaaf_patch.cli", "--version"], capture_output=True, text=True,
                           cwd=root, timeout=120)  # fmt: skip
     assert proc.returncode == 0 and proc.stdout.strip() == f"gaaf-patch {__version__}", proc.stderr
