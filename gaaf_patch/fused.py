@@ -69,13 +69,14 @@ def _memory_format(t: Tensor) -> torch.memory_format:
 
 
 def source_of(x: Tensor, keeps_output: Callable[[Any], bool]) -> tuple | None:
-    """How to recompute ``x`` in backward from what other nodes keep anyway, or None (always None under Dynamo).
+    """How to recompute ``x`` in backward from what other nodes keep anyway, or None (always None under Dynamo, and
+    under saved-tensor hooks: activation checkpointing unpacks each saved tensor once, for its own node only).
 
     ``(bn,)``: ``x`` is a :class:`BatchNormFunction` output. ``(a, b)``: ``x = a + b`` (a residual add, ``alpha``
     1, no broadcasting) where each operand is such an output, or the output of a node for which ``keeps_output``
     holds: a GAAF site that saved its output as its one tensor.
     """
-    if _compiling():
+    if _compiling() or _saved_tensor_hooks():
         return None
     fn = x.grad_fn
     if isinstance(fn, _BN_NODE):
@@ -155,6 +156,12 @@ class BatchNormRecompute:
 
 def _compiling() -> bool:
     return torch.compiler.is_compiling()
+
+
+def _saved_tensor_hooks() -> bool:
+    """Whether saved-tensor hooks are active (``torch.utils.checkpoint``, offloading): reading another node's saved
+    tensors would then unpack them a second time, which non-reentrant checkpointing refuses."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
 
 
 class BatchNorm1d(BatchNormRecompute, nn.BatchNorm1d):

@@ -108,7 +108,9 @@ def _rewrite(
     codes = {mode: python_code(g) for mode, g in graphs.items()}
     if codes[True][0] == codes[False][0]:
         codes = {True: codes[True], False: codes[True]}
-    module.__dict__[method] = PatchedForward(module, fqn, codes, required, rewriter.added, method)
+    module.__dict__[method] = PatchedForward(
+        module, fqn, codes, required, rewriter.added, method, ctx.config, ctx.filter_fn
+    )
     ctx.stripped.extend(rewriter.stripped.values())
     return {**rewriter.counts(), "methods": 1}
 

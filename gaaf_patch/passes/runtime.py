@@ -22,9 +22,11 @@ class PatchedForward:
     """The instance-level ``forward`` of a rewritten module (or of a helper method, ``method``, when the forward
     itself cannot be traced): the traced code for the current mode.
 
-    Calls that pass arguments the trace did not see (a parameter with a default, given) run the original forward,
-    with one warning: those calls are not patched, and we say so rather than guess. ``added``: the GAAF children
-    the rewrite added, which ``unpatch`` removes.
+    A trace freezes what it saw: which arguments were given, and the plain attributes the code read (timm's
+    ``grad_checkpointing``, ``fused_attn``). A call that passes arguments the trace did not see, or finds a plain
+    attribute of the module changed since the trace, runs the class's own code under a run-time scope
+    (:class:`.scope.RuntimeScope`) instead: still patched, never stale. ``added``: the GAAF children the rewrite
+    added, which ``unpatch`` removes.
     """
 
     def __init__(
@@ -35,10 +37,15 @@ class PatchedForward:
         required: int,
         added,
         method: str = "forward",
+        config: Any = None,
+        filter_fn: Any = None,
     ):
         self.module, self.fqn, self.required, self.method = module, fqn, required, method
         self.codes = codes
         self.added = list(added)
+        self.config, self.filter_fn = config, filter_fn
+        self.guards = _plain_attributes(module)
+        self._scope = None
         self._compile()
         self._warned = False
 
@@ -55,17 +62,32 @@ class PatchedForward:
         return self.fns[self.module.training].__code__
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if not kwargs and len(args) == self.required:
+        if not kwargs and len(args) == self.required and _plain_attributes(self.module) == self.guards:
             return self.fns[self.module.training](self.module, *args)
-        if not self._warned:
-            self._warned = True
-            warnings.warn(
-                f"gaaf-patch: {self.fqn or type(self.module).__name__}"
-                f"{'' if self.method == 'forward' else '.' + self.method} was called with arguments its trace did not "
-                "see; its function-form GAAF sites run unpatched in such calls",
-                stacklevel=2,
-            )
-        return getattr(type(self.module), self.method)(self.module, *args, **kwargs)
+        if getattr(self, "config", None) is None:  # pickled before run-time scopes existed: the original, said once
+            if not self._warned:
+                self._warned = True
+                warnings.warn(
+                    f"gaaf-patch: {self.fqn or type(self.module).__name__}"
+                    f"{'' if self.method == 'forward' else '.' + self.method} was called with arguments its trace did "
+                    "not see; its function-form GAAF sites run unpatched in such calls (patch the model again)",
+                    stacklevel=2,
+                )
+            return getattr(type(self.module), self.method)(self.module, *args, **kwargs)
+        return self.scope()(*args, **kwargs)
+
+    def scope(self) -> Any:
+        """The run-time scope for calls the trace does not cover (made on first need)."""
+        if getattr(self, "_scope", None) is None:
+            from ..gain import MAX_DELTA
+            from ..modules import GAAF
+            from .scope import RuntimeScope
+
+            why = "called with arguments or attribute values the trace did not see"
+            self._scope = RuntimeScope(self.module, self.fqn, self.config, why, self.method, self.filter_fn)
+            deltas = [m.delta for m in self.module.modules() if isinstance(m, GAAF) and m.delta is not None]
+            self._scope.delta = deltas[0] if deltas else (MAX_DELTA if self.config.gain == "auto" else None)
+        return self._scope
 
     def __getstate__(self) -> dict[str, Any]:
         # Generated code is not picklable; its source is. Modules in its globals travel by name.
@@ -84,6 +106,18 @@ class PatchedForward:
         }
         self.__dict__.update(state)
         self._compile()
+
+
+def _plain_attributes(module: nn.Module) -> dict[str, Any]:
+    """The module's own plain-valued attributes (bool, int, float, str, None): what a forward may branch on that a
+    trace would freeze. ``training`` is not among them: each mode has its own traced code."""
+    return {
+        k: v
+        for k, v in module.__dict__.items()
+        if k != "training"
+        and (v is None or type(v) in (bool, int, float, str))
+        and not k.startswith("_tensor_constant")
+    }
 
 
 @dataclass(frozen=True)

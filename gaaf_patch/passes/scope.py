@@ -182,5 +182,8 @@ class RuntimeScope:
 
 
 def scopes(module: nn.Module) -> list[RuntimeScope]:
-    """The run-time scopes installed on one module."""
-    return [v for v in module.__dict__.values() if isinstance(v, RuntimeScope)]
+    """The run-time scopes of one module: installed as methods, or made by a traced method for the calls its trace
+    does not cover (``PatchedForward.scope``)."""
+    found = [v for v in module.__dict__.values() if isinstance(v, RuntimeScope)]
+    found += [v._scope for v in module.__dict__.values() if isinstance(getattr(v, "_scope", None), RuntimeScope)]
+    return found

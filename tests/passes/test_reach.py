@@ -7,6 +7,7 @@
 """
 
 import copy
+import warnings
 import math
 
 import pytest
@@ -228,3 +229,45 @@ def test_layerdrop_is_zeroed_and_restored():
     assert [s["name"] for s in gaaf.report(model).stripped] == ["layerdrop"]
     gaaf.unpatch(model)
     assert model.layerdrop == 0.4
+
+
+# -------------------------------------------------------------------------------------- what a trace must not freeze
+
+
+def test_call_with_arguments_the_trace_did_not_see_is_still_patched():
+    class WithMask(nn.Module):
+        def forward(self, x, mask=None):
+            x = F.relu(x)
+            return x if mask is None else x * mask
+
+    torch.manual_seed(0)
+    plain = WithMask()
+    model = gaaf.patch(WithMask())
+    x = torch.randn(4, 6)
+    mask = torch.ones(4, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        patched = _grad(lambda z: model(z, mask=mask), x)
+    assert not torch.equal(patched, _grad(lambda z: plain(z, mask=mask), x))  # GAAF's gradient, not relu's
+    assert torch.equal(patched, _grad(model, x))  # the same site's gradient as through the traced code
+
+
+def test_grad_checkpointing_set_after_patching_is_honoured_and_trains(monkeypatch):
+    """Regression (issue 13): the traced top-level forward froze ``grad_checkpointing=False`` (no checkpoint ever
+    ran), and once it did run, the fused BatchNorm twin crashed non-reentrant checkpointing in backward."""
+    timm = pytest.importorskip("timm")
+    import torch.utils.checkpoint as ckpt
+
+    calls = []
+    original = ckpt.checkpoint
+    monkeypatch.setattr(ckpt, "checkpoint", lambda *a, **k: calls.append(1) or original(*a, **k))
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", num_classes=4, drop_rate=0.2)
+    gaaf.patch(model, strip_dropout=True)
+    x = torch.randn(2, 3, 32, 32)
+    reference = copy.deepcopy(model).train()
+    expected = _grad(reference, x)
+    model.train().set_grad_checkpointing(True)
+    got = _grad(model, x)
+    assert calls, "timm's checkpoint_seq never ran"
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
