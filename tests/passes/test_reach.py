@@ -7,8 +7,8 @@
 """
 
 import copy
-import warnings
 import math
+import warnings
 
 import pytest
 import torch
