@@ -30,6 +30,19 @@ class Site:
         return asdict(self)
 
 
+NOT_SCRIPTABLE = (
+    "torch.jit.script cannot compile a gaaf-patched model (GAAF is an autograd Function with Python-side state; "
+    "TorchScript is deprecated): use torch.compile (gaaf.compile(model) or backend='gaaf') or torch.export"
+)
+
+
+def refuse_script(*_args: Any) -> None:
+    """``__prepare_scriptable__``: torch.jit.script calls it first; one clear error instead of a parser's."""
+    from .errors import GaafError
+
+    raise GaafError(NOT_SCRIPTABLE)
+
+
 class GAAF(nn.Module):
     """A GAAF activation: ``phi(x) [+ g(x) s(x)]`` forward, ``phi'(x) + s(x)`` backward.
 
@@ -84,6 +97,8 @@ class GAAF(nn.Module):
     def gain(self) -> str:
         """``auto(delta=...)``: the depth-safe blend (gaaf_patch.gain); ``paper``: ``phi' + s``."""
         return "paper" if self.delta is None else f"auto(delta={self.delta:.4g})"
+
+    __prepare_scriptable__ = refuse_script
 
     def describe(self) -> dict[str, Any]:
         """The report entry for this site."""

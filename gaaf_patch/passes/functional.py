@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from torch import fx, nn
 
-from ..modules import GAAF
+from ..modules import GAAF, refuse_script
 from . import probe, targets, tracer
 from .context import Context
 from .result import PatchPassResult
@@ -108,6 +108,7 @@ def _rewrite(
     codes = {mode: python_code(g) for mode, g in graphs.items()}
     if codes[True][0] == codes[False][0]:
         codes = {True: codes[True], False: codes[True]}
+    module.__dict__["__prepare_scriptable__"] = refuse_script  # a rewritten forward: TorchScript cannot
     module.__dict__[method] = PatchedForward(
         module, fqn, codes, required, rewriter.added, method, ctx.config, ctx.filter_fn
     )
@@ -131,6 +132,7 @@ def _report_untraceable(ctx: Context, module: nn.Module, fqn: str, reason: str, 
     """Code fx cannot trace is rewritten as it runs instead (:mod:`.scope`): the method gets a RuntimeScope."""
     if isinstance(module.__dict__.get(method), (PatchedForward, RuntimeScope)):
         return
+    module.__dict__["__prepare_scriptable__"] = refuse_script  # a rewritten forward: TorchScript cannot
     module.__dict__[method] = RuntimeScope(module, fqn, ctx.config, reason, method, ctx.filter_fn)
     ctx.scopes += 1
 
@@ -139,6 +141,7 @@ def unpatch(module: nn.Module) -> bool:
     """Undo :func:`run` on one module. Returns whether there was anything to undo."""
     for scope in scopes(module):
         scope.undo()
+    module.__dict__.pop("__prepare_scriptable__", None)
     patched = patched_methods(module)
     if not patched:
         return False

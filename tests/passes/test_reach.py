@@ -271,3 +271,20 @@ def test_grad_checkpointing_set_after_patching_is_honoured_and_trains(monkeypatc
     got = _grad(model, x)
     assert calls, "timm's checkpoint_seq never ran"
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_torch_jit_script_is_refused_in_one_clear_line():
+    class Functional(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return F.relu(self.fc(x))
+
+    for model in (nn.Sequential(nn.Linear(3, 3), nn.ReLU()), Functional()):
+        gaaf.patch(model)
+        with pytest.raises(gaaf.GaafError, match="torch.jit.script cannot compile a gaaf-patched model.*torch.compile"):
+            torch.jit.script(model)
+        gaaf.unpatch(model)
+        torch.jit.script(model)  # unpatched: TorchScript's business again
