@@ -182,6 +182,9 @@ class GAAFPass(PassBase):
         self.last_sites: list[dict[str, Any]] = []
         self.last_passes: list[PatchPassResult] = []
         self.last_record: PatchRecord | None = None
+        # every graph this pass rewrote (a graph break or a recompile adds one): what gaaf_patch.report shows for a
+        # model compiled with gaaf.compile, whose own modules stay as they are
+        self.graphs: list[tuple[list[dict[str, Any]], PatchRecord]] = []
 
     def uuid(self) -> str | None:
         """Identity of this pass and its options for compile caches: the package :func:`uuid` and the options.
@@ -201,6 +204,7 @@ class GAAFPass(PassBase):
         self.last_unreached = found.unreached
         self.last_record = PatchRecord.for_config(self.config)
         self.last_record.absorb(found, self.last_passes)
+        self.graphs.append((list(self.last_sites), self.last_record))
         if self.last_unreached:
             names = ", ".join(u["name"] for u in self.last_unreached[:4])
             warnings.warn(
@@ -234,6 +238,7 @@ class GAAFPass(PassBase):
         results.append(budget.run(ctx))  # sites of this graph (a graph break splits the count)
         found.unreached += list(rewriter.unreached.values()) + ctx.unreached
         found.skipped += ctx.skipped
+        found.stripped += list(rewriter.stripped.values())
         added = set(rewriter.added)
         for node in list(graph.nodes):
             if node.op == "call_module" and node.target in added:
@@ -309,6 +314,9 @@ def _inductor_patches(
     theirs = patches.get("post_grad_custom_pre_pass", inductor_config.post_grad_custom_pre_pass)
     patches["post_grad_custom_pre_pass"] = [key, *get_custom_graph_passes(theirs)]
     return patches
+
+
+BACKEND_ATTR = "_gaaf_backend"
 
 
 class GAAFBackend:
@@ -395,4 +403,8 @@ def compile(
     if "backend" in torch_compile_kwargs:
         raise PatchError("gaaf_patch.compile picks the backend itself; call torch.compile(model, backend=...) instead")
     config = build(activations, shapes, gain, strip_dropout=strip_dropout, mode=mode, K=K)
-    return torch.compile(model, backend=GAAFBackend(config), mode=compile_mode, **torch_compile_kwargs)
+    backend = GAAFBackend(config)
+    compiled = torch.compile(model, backend=backend, mode=compile_mode, **torch_compile_kwargs)
+    if isinstance(compiled, nn.Module):
+        compiled.__dict__[BACKEND_ATTR] = backend  # gaaf_patch.report(compiled) reads the graphs it rewrote
+    return compiled

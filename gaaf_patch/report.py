@@ -82,6 +82,9 @@ def report(model: nn.Module) -> Report:
     """The report of a patched model; empty for a model that was never patched."""
     if not isinstance(model, nn.Module):
         raise PatchError(f"gaaf_patch.report takes an nn.Module, not {type(model).__name__}")
+    backend = model.__dict__.get("_gaaf_backend")  # gaaf.compile's module: the graphs its backend rewrote
+    if backend is not None:
+        return _compiled_report(backend)
     rep = Report()
     for module in model.modules():
         if isinstance(module, GAAF):
@@ -107,5 +110,22 @@ def report(model: nn.Module) -> Report:
         rep.config = record.config
         rep.gradient_scale = record.gradient_scale
         rep.passes = [r.to_dict() for r in combine(record.passes)]
+    rep.replaced.sort(key=lambda r: r["name"])
+    return rep
+
+
+def _compiled_report(backend: Any) -> Report:
+    """What :func:`gaaf_patch.compile`'s backend rewrote, over every graph compiled so far (empty before the first
+    call compiles anything). Site names are Dynamo's; a site rewritten in several graphs (a recompile) counts once."""
+    rep = Report(config=backend.config.to_dict() if backend.config else None)
+    seen: set[str] = set()
+    for sites, record in backend.graph_pass.graphs:
+        for site in sites:
+            if site["name"] not in seen:
+                seen.add(site["name"])
+                rep.replaced.append(site)
+        for field_name in ("stripped", "unreached", "skipped"):
+            have = {e["name"] for e in getattr(rep, field_name)}
+            getattr(rep, field_name).extend(e for e in getattr(record, field_name) if e["name"] not in have)
     rep.replaced.sort(key=lambda r: r["name"])
     return rep

@@ -288,3 +288,25 @@ def test_torch_jit_script_is_refused_in_one_clear_line():
             torch.jit.script(model)
         gaaf.unpatch(model)
         torch.jit.script(model)  # unpatched: TorchScript's business again
+
+
+@pytest.mark.parametrize("model_type, overrides", [("llama", {"attention_dropout": 0.1}), ("bert", {})])
+def test_compile_and_patch_strip_and_replace_the_same_sites(model_type, overrides):
+    """One answer from both entry points (issue 13): Llama's attention dropout is a float handed to
+    ``F.scaled_dot_product_attention``; Dynamo sees it as a constant, eager code only at run time."""
+    pytest.importorskip("transformers")
+    from gaaf_patch import hf
+
+    model = hf.build(model_type, overrides)
+    x = hf.example_inputs(model)
+    compiled = gaaf.compile(copy.deepcopy(model), strip_dropout=True).train()
+    patched = gaaf.patch(copy.deepcopy(model), strip_dropout=True).train()
+    compiled(**x)
+    patched(**x)
+    rc, rp = gaaf.report(compiled), gaaf.report(patched)
+    assert rc.replaced and rc.summary()["by_activation"] == rp.summary()["by_activation"]
+    # The same sites, written differently: Dynamo sees a Dropout module as F.dropout, and BERT's attention reads
+    # its Dropout module's p into F.scaled_dot_product_attention (eager: the module is stripped, so p reads 0).
+    assert len(rc.stripped) == len(rp.stripped) > 0
+    assert sorted(s["p"] for s in rc.stripped) == sorted(s["p"] for s in rp.stripped)
+    assert audit(patched, **x).ok
