@@ -7,6 +7,7 @@ forward (bit for bit in the default ``exact`` mode), gradient ``phi'(x) + s(x)``
 from . import analysis, shapes
 from .activations import ACTIVATIONS
 from .api import PatchError, patch, unpatch
+from .audit import Audit, audit
 from .backend import compile
 from .calibrate import calibrate
 from .config import PatchConfig
@@ -25,6 +26,8 @@ __all__ = [
     "measure_gradient_scale",
     "GradientScale",
     "report",
+    "audit",
+    "Audit",
     "gaaf",
     "GAAF",
     "StrippedDropout",
