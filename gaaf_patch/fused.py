@@ -70,7 +70,7 @@ def _memory_format(t: Tensor) -> torch.memory_format:
 
 def source_of(x: Tensor, keeps_output: Callable[[Any], bool]) -> tuple | None:
     """How to recompute ``x`` in backward from what other nodes keep anyway, or None (always None under Dynamo, and
-    under saved-tensor hooks: activation checkpointing unpacks each saved tensor once, for its own node only).
+    under non-reentrant checkpointing, which lets each saved tensor be unpacked once, by its own node).
 
     ``(bn,)``: ``x`` is a :class:`BatchNormFunction` output. ``(a, b)``: ``x = a + b`` (a residual add, ``alpha``
     1, no broadcasting) where each operand is such an output, or the output of a node for which ``keeps_output``
@@ -159,9 +159,11 @@ def _compiling() -> bool:
 
 
 def _saved_tensor_hooks() -> bool:
-    """Whether saved-tensor hooks are active (``torch.utils.checkpoint``, offloading): reading another node's saved
-    tensors would then unpack them a second time, which non-reentrant checkpointing refuses."""
-    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+    """Whether non-reentrant ``torch.utils.checkpoint``'s saved-tensor hooks are active: reading another node's
+    saved tensors would unpack them a second time, which they refuse. (Other hooks, such as offloading, unpack as
+    often as asked.)"""
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    return hooks is not None and getattr(hooks[0], "__module__", None) == "torch.utils.checkpoint"
 
 
 class BatchNorm1d(BatchNormRecompute, nn.BatchNorm1d):

@@ -305,7 +305,7 @@ def test_activation_classes_are_identified_by_their_values_or_reported():
     assert replaced == [("3", "quick_gelu", "QuickGELU"), ("4", "gelu", "MyGELU")]
 
 
-def test_call_with_untraced_arguments_warns_and_runs_original():
+def test_call_with_untraced_arguments_runs_patched_at_run_time():
     class WithMask(nn.Module):
         def forward(self, x, mask=None):
             x = F.relu(x)
@@ -315,9 +315,11 @@ def test_call_with_untraced_arguments_warns_and_runs_original():
     gaaf.patch(model)
     x = torch.randn(3)
     assert torch.equal(model(x), F.relu(x))
-    with pytest.warns(UserWarning, match="arguments its trace did not see"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning: the call is patched, not run unpatched
         out = model(x, torch.ones(3))
     assert torch.equal(out, F.relu(x))
+    assert {r["form"] for r in gaaf.report(model).replaced} == {"function", "runtime"}
 
 
 def test_train_and_eval_branches_are_traced_separately():

@@ -22,7 +22,7 @@ from .context import Context
 from .result import PatchPassResult
 from .rewriter import Rewriter
 from .runtime import PatchedForward, _ModuleRef, patched_methods, python_code
-from .scope import RuntimeScope, scopes
+from .scope import RuntimeScope, needs_scope, scopes
 from .tracer import CONSTANTS_ATTR, SELF_ATTR, is_builtin
 
 # PatchedForward and _ModuleRef are named here too: models pickled before the runtime forward had its own module
@@ -130,7 +130,7 @@ def _note_calls(ctx: Context, fqn: str, graph: fx.Graph) -> None:
 
 def _report_untraceable(ctx: Context, module: nn.Module, fqn: str, reason: str, method: str = "forward") -> None:
     """Code fx cannot trace is rewritten as it runs instead (:mod:`.scope`): the method gets a RuntimeScope."""
-    if isinstance(module.__dict__.get(method), (PatchedForward, RuntimeScope)):
+    if isinstance(module.__dict__.get(method), (PatchedForward, RuntimeScope)) or not needs_scope(module, method):
         return
     module.__dict__["__prepare_scriptable__"] = refuse_script  # a rewritten forward: TorchScript cannot
     module.__dict__[method] = RuntimeScope(module, fqn, ctx.config, reason, method, ctx.filter_fn)

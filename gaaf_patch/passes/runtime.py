@@ -62,7 +62,13 @@ class PatchedForward:
         return self.fns[self.module.training].__code__
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if not kwargs and len(args) == self.required and _plain_attributes(self.module) == self.guards:
+        if (
+            not kwargs
+            and len(args) == self.required
+            and (_compiling() or _plain_attributes(self.module) == self.guards)
+        ):
+            # Under Dynamo the traced code is what gets compiled; Dynamo guards the attributes itself (a change
+            # recompiles), and a TorchFunctionMode does not belong in its graph.
             return self.fns[self.module.training](self.module, *args)
         if getattr(self, "config", None) is None:  # pickled before run-time scopes existed: the original, said once
             if not self._warned:
@@ -106,6 +112,12 @@ class PatchedForward:
         }
         self.__dict__.update(state)
         self._compile()
+
+
+def _compiling() -> bool:
+    import torch
+
+    return torch.compiler.is_compiling()
 
 
 def _plain_attributes(module: nn.Module) -> dict[str, Any]:

@@ -187,3 +187,93 @@ def scopes(module: nn.Module) -> list[RuntimeScope]:
     found = [v for v in module.__dict__.values() if isinstance(v, RuntimeScope)]
     found += [v._scope for v in module.__dict__.values() if isinstance(getattr(v, "_scope", None), RuntimeScope)]
     return found
+
+
+# ----------------------------------------------------------------------------------------- where a scope is needed
+# A scope costs a Python call per torch function its module's subtree runs, so a module gets one only when its code
+# may hold a site: a call named like an activation or dropout, or a call the scan cannot follow (a function held in
+# a variable or a table, as Hugging Face's ``attention_interface``). Module-level helpers are followed to
+# ``_SCAN_DEPTH``; in their code only calls named like a site count (a callback they call is their caller's). A site
+# the scan misses still shows: gaaf_patch.audit lists it as a silent miss.
+_SCAN_DEPTH = 3
+_EXTRA_SUSPECTS = frozenset(
+    {"scaled_dot_product_attention", "dropout1d", "dropout2d", "dropout3d", "feature_alpha_dropout", "dropout_"}
+)
+_scan_cache: dict[Any, bool] = {}
+
+
+def needs_scope(module: nn.Module, method: str = "forward") -> bool:
+    """Whether ``method``'s code (and the helpers it calls) may run an activation or dropout call of its own."""
+    return _may_hold_sites(getattr(type(module), method, None), module, _SCAN_DEPTH)
+
+
+def _may_hold_sites(fn: Any, module: nn.Module | None, depth: int) -> bool:
+    import ast
+    import builtins
+    import inspect
+    import textwrap
+
+    fn = inspect.unwrap(fn) if callable(fn) else fn
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return True  # not Python code we can read: assume the worst
+    key = (code, id(type(module)) if module is not None else None)
+    if key in _scan_cache:
+        return _scan_cache[key]
+    _scan_cache[key] = False  # recursion guard
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    except (OSError, TypeError, SyntaxError):
+        _scan_cache[key] = True
+        return True
+    suspects = targets.SUSPECT_NAMES | _EXTRA_SUSPECTS
+    found = False
+    top = tree.body[0] if tree.body else tree
+    body = top.body if isinstance(top, (ast.FunctionDef, ast.AsyncFunctionDef)) else [top]  # not the decorators
+    nodes = [n for stmt in body for n in ast.walk(stmt)]
+    children = _names_bound_to_self(nodes)  # `for layer in self.layers: layer(x)`: a child module, not a site
+    for node in nodes:
+        if not isinstance(node, ast.Call):
+            continue
+        f = node.func
+        if isinstance(f, ast.Attribute):
+            if f.attr in suspects:
+                found = True
+            elif isinstance(f.value, ast.Name) and f.value.id == "self" and module is not None:
+                attr = inspect.getattr_static(type(module), f.attr, None)
+                if inspect.isfunction(attr) and depth > 0:  # a helper method: its code is this module's too
+                    found = _may_hold_sites(attr, module, depth - 1)
+        elif isinstance(f, ast.Name):
+            if f.id in suspects:
+                found = True
+            else:
+                target = fn.__globals__.get(f.id, getattr(builtins, f.id, None))
+                if target is None and f.id in children:
+                    continue
+                if target is None:  # a local variable holding a function: cannot follow
+                    found = module is not None  # in the module's own code; a helper's callbacks are its caller's
+                elif inspect.isfunction(target):
+                    found = depth > 0 and _may_hold_sites(target, None, depth - 1)
+        else:  # a call on a subscript or a call's result (a table of functions), in the module's own code
+            found = module is not None
+        if found:
+            break
+    _scan_cache[key] = found
+    return found
+
+
+def _names_bound_to_self(nodes: list[Any]) -> set[str]:
+    """Local names bound to something read off ``self`` (a loop over ``self.layers``, ``block = self.blocks[i]``)."""
+    import ast
+
+    def reads_self(expr: Any) -> bool:
+        return any(isinstance(n, ast.Name) and n.id == "self" for n in ast.walk(expr))
+
+    names: set[str] = set()
+    for node in nodes:
+        if isinstance(node, ast.For) and reads_self(node.iter):
+            names |= {n.id for n in ast.walk(node.target) if isinstance(n, ast.Name)}
+        elif isinstance(node, ast.Assign) and isinstance(node.value, (ast.Attribute, ast.Subscript)):
+            if reads_self(node.value):
+                names |= {n.id for t in node.targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+    return names
