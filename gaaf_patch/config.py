@@ -10,7 +10,7 @@ from typing import Any
 from torch import Tensor
 
 from . import activations as _acts
-from .errors import GaafError
+from .errors import GaafError, one_line
 from .ops import DEFAULT_K, check_mode
 from .shapes import ShapeFn, get, resolve
 
@@ -141,4 +141,4 @@ def build(
             **options,
         )
     except (KeyError, ValueError, TypeError) as e:
-        raise PatchError(str(e).strip("'\"")) from None
+        raise PatchError(one_line(e)) from None  # a KeyError's message without its quotes; no other text touched

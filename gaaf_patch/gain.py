@@ -62,11 +62,12 @@ def coefficient(dphi: Tensor, st: Tensor, delta: float) -> Tensor | float:
     """``c`` in ``[0, 1]`` with ``mean((dphi + c st)^2) = (1 + delta) mean(dphi^2)``.
 
     ``dphi`` and ``st`` are the site's ``phi'`` and blend term on the sample. Where ``st`` is zero, ``c`` is 0. On the
-    CPU outside tracing, a Python float (the three moments are read once); elsewhere a 0-dim tensor (no device sync).
+    CPU outside tracing, a Python float (the three moments are read once); elsewhere, and in double backward (inputs
+    that require grad: ``c`` is then differentiated too), a 0-dim tensor (no device sync).
     """
     m = torch.stack((dphi.reshape(-1), st.reshape(-1)))
     gram = (m @ m.T).div_(m.shape[1])  # [[A, b], [b, a]]: the second moments, in one product
-    if m.is_cpu and not torch.compiler.is_compiling() and type(m) is Tensor:
+    if m.is_cpu and not m.requires_grad and not torch.compiler.is_compiling() and type(m) is Tensor:
         (A, b), (_b, a) = gram.tolist()
         return _solve(A, a, b, delta)
     A, b, a = gram[0, 0], gram[0, 1], gram[1, 1]

@@ -6,7 +6,8 @@ fuses them into one vectorised pass with ATen's ``Vectorized`` (the SLEEF transc
 Inductor's own CPU kernels use) and registers it as ``torch.ops.gaaf_patch.backward``.
 
 It is compiled with :func:`torch.utils.cpp_extension.load` the first time an eager CPU backward needs it (about
-30 s; ``gaaf-patch kernels`` does it ahead of time, and ``make`` runs that), and cached under
+30 s, announced by one line on stderr whenever a build starts; ``gaaf-patch kernels`` does it ahead of time, and
+``make`` runs that), and cached under
 ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) by torch version and installation, CPU
 capability and source.
 Without a C++ compiler, or when the build fails, one warning is given and the plain ops are used: the results are
@@ -22,15 +23,19 @@ The kernel's codes are facts of what they stand for: its ``act`` codes (``phi'``
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import re
 import shutil
+import subprocess
 import sys
 import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -60,11 +65,12 @@ _enabled = os.environ.get("GAAF_KERNELS", "auto").lower() not in ("off", "0", "f
 
 
 def _name() -> str:
-    """One build per torch version, CPU capability, source text, and torch installation (its headers and libraries,
-    so two virtualenvs with the same torch version do not rebuild each other's): versions, checkouts and
-    environments never rebuild each other's."""
+    """One build per torch version, CPU capability, source text, torch installation (its headers and libraries,
+    so two virtualenvs with the same torch version do not rebuild each other's) and source location (the build file
+    names the source by its path: two checkouts of one source would otherwise rebuild each other's): versions,
+    checkouts and environments never rebuild each other's."""
     cap = torch.backends.cpu.get_cpu_capability()
-    where = f"{Path(torch.__file__).resolve().parent}|{sys.version}".encode()
+    where = f"{Path(torch.__file__).resolve().parent}|{sys.version}|{_SOURCE.resolve()}".encode()
     digest = hashlib.sha1(_SOURCE.read_bytes() + b"|" + where).hexdigest()[:10]
     tag = re.sub(r"[^0-9A-Za-z]+", "_", f"{torch.__version__}_{cap}_{digest}")
     return f"gaaf_patch_cpu_{tag}"
@@ -104,16 +110,15 @@ def build(verbose: bool = False) -> Path:
     try:
         name = _name()
         folder = Path(cpp_extension._get_build_directory(name, verbose=False))
-        if not (folder / f"{name}.so").exists():
-            print(f"gaaf_patch: compiling the CPU backward kernel (once, about 30 s) in {folder}", file=sys.stderr)
-        cpp_extension.load(
-            name=name,
-            sources=[str(_SOURCE)],
-            extra_cflags=["-O3", *openmp, *macros, *arch],
-            extra_ldflags=openmp,
-            is_python_module=False,
-            verbose=verbose,
-        )
+        with _announced(cpp_extension, folder / f"{name}.so"):
+            cpp_extension.load(
+                name=name,
+                sources=[str(_SOURCE)],
+                extra_cflags=["-O3", *openmp, *macros, *arch],
+                extra_ldflags=openmp,
+                is_python_module=False,
+                verbose=verbose,
+            )
     except Exception as e:  # noqa: BLE001 - compiler missing, build error, load error: all mean "no kernel"
         detail = str(e).strip().splitlines()
         raise KernelBuildError(
@@ -121,6 +126,51 @@ def build(verbose: bool = False) -> Path:
             "install a C++ compiler and ninja, or set GAAF_KERNELS=off to use plain torch ops"
         ) from e
     return folder
+
+
+def _notice(folder: Path) -> None:
+    print(
+        f"gaaf_patch: compiling the CPU backward kernel (about 30 s; GAAF_KERNELS=off skips it) in {folder}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+@contextlib.contextmanager
+def _announced(cpp_extension, library: Path) -> Iterator[None]:
+    """Print one line before every build, not only the first: torch rebuilds a library that exists when its build
+    file changed or a build was cut short, and without a word a training script seems to hang on its first batch.
+
+    torch runs ninja on every load (a no-op when nothing changed), so the line is printed only when a dry run of
+    ninja in the build folder has work to do. Should torch's private ``_run_ninja_build`` be gone, the notice falls
+    back to "the library file does not exist yet".
+    """
+    run = getattr(cpp_extension, "_run_ninja_build", None)
+    if run is None:
+        if not library.exists():
+            _notice(library.parent)
+        yield
+        return
+
+    def announce_then_run(build_directory: str, *args: Any, **kwargs: Any) -> Any:
+        if _ninja_has_work(build_directory):
+            _notice(Path(build_directory))
+        return run(build_directory, *args, **kwargs)
+
+    cpp_extension._run_ninja_build = announce_then_run
+    try:
+        yield
+    finally:
+        cpp_extension._run_ninja_build = run
+
+
+def _ninja_has_work(build_directory: str) -> bool:
+    """``ninja -n`` (a dry run): whether building would run any command. When it cannot tell, assume it would."""
+    try:
+        dry = subprocess.run(["ninja", "-n"], cwd=build_directory, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return True
+    return dry.returncode != 0 or "no work to do" not in dry.stdout
 
 
 def available() -> bool:

@@ -18,9 +18,10 @@ Backward, fast path (every built-in activation; see docs/performance.md): ``dx =
 in place on one fresh buffer, then added by one ``addcmul_``. The built-in shape families have an in-place
 evaluation (``gauss`` through ``exp2``, about 3x cheaper than ``exp`` on CPU); any other shape is called as is. For
 tanh, 4 kernels are added to PyTorch's 1 (``atanh``, square, scale+``exp2``, ``addcmul``); for ReLU 4 (add, mul,
-``sigmoid``, ``addcmul``). Everything is plain torch ops, traceable by Dynamo/AOTAutograd. With grad enabled in
-backward (``create_graph=True``) or for an activation without PyTorch kernel, the generic out-of-place
-``dy (phi'(x) + s(x))`` from :mod:`gaaf_patch.activations` is used. On CPU, the fused kernel
+``sigmoid``, ``addcmul``). Everything is plain torch ops, traceable by Dynamo/AOTAutograd. For an activation
+without PyTorch kernel, the generic out-of-place ``dy (phi'(x) + s(x))`` from :mod:`gaaf_patch.activations` is
+used; with grad enabled in backward (``create_graph=True``) its differentiable twin, whose derivative is the
+formula's (:mod:`gaaf_patch.double_backward`). On CPU, the fused kernel
 (:mod:`gaaf_patch.kernels`) does the whole backward in one pass where it can.
 
 This module holds no fact of any activation or shape: PyTorch's kernel, what is saved, the kernel's codes are read
@@ -38,6 +39,7 @@ import torch
 from torch import Tensor
 
 from . import activations as _acts
+from . import double_backward as _double_backward
 from . import fused as _fused
 from . import gain as _gain
 from . import kernels as _kernels
@@ -232,6 +234,8 @@ def _backward(
     whose ``phi'`` the output determines exactly). ``delta``: the auto gain's energy allowance (gaaf_patch.gain);
     None for the paper's ``phi' + s``.
     """
+    if torch.is_grad_enabled():  # double backward (create_graph=True): this result is differentiated in turn
+        return _double_backward.differentiable_backward(saved, gy, from_output, act, shape, params, x, delta)
     dx = _kernel_backward(saved, gy, from_output, act, shape, params, x, delta)
     if dx is not None:
         return dx
@@ -242,14 +246,13 @@ def _backward(
     g = gy if gy.dtype == t.dtype else gy.to(t.dtype)
     native = act.native
     if x is not None:
-        if native is None or torch.is_grad_enabled():
+        if native is None:
             return (_multiplier(x, False, act, shape, params, c) * g).to(gy.dtype)
         out = native(g, t, params)
         s, h = _shape_term(shape, x, owned=True)
         out = _add_shape(out, g, s, h, act, c)
         return out if out.dtype == gy.dtype else out.to(gy.dtype)
-    if native is None or torch.is_grad_enabled():
-        # no PyTorch kernel for the activation, or double backward: out of place, differentiable
+    if native is None:  # no PyTorch kernel for the activation: out of place
         return (_multiplier(saved, from_output, act, shape, params, c) * g).to(gy.dtype)
     # dy phi'(x): one fused kernel; tanh's and sigmoid's take the output, recomputed when x was saved (sawtooth)
     out = native(g, act.phi(t, **params) if act.saves_output and not from_output else t, params)

@@ -290,3 +290,44 @@ def test_the_cache_key_follows_the_torch_installation(monkeypatch, tmp_path):
     assert kernels._name() == here  # stable in one environment
     monkeypatch.setattr(torch, "__file__", str(tmp_path / "other-venv" / "torch" / "__init__.py"))
     assert kernels._name() != here
+    monkeypatch.undo()
+    copy_of_source = tmp_path / "other-checkout" / "gaaf_cpu.cpp"  # the same text elsewhere: torch's build file
+    copy_of_source.parent.mkdir()  # names the source by its path, so a shared folder would rebuild back and forth
+    copy_of_source.write_bytes(kernels._SOURCE.read_bytes())
+    monkeypatch.setattr(kernels, "_SOURCE", copy_of_source)
+    assert kernels._name() != here
+
+
+def test_every_build_is_announced_even_when_the_library_exists(tmp_path, monkeypatch, capsys):
+    """Issue 14, item 12: the notice was printed only when no library file existed, so a rebuild over an earlier
+    one (a changed build file, a cut-short build) stalled a training script's first batch without a word. Now it is
+    printed whenever ninja has work to do, and only then. torch's build is replaced by what it does: write the
+    build file, run ninja in the folder."""
+    import shutil
+
+    from torch.utils import cpp_extension
+
+    if shutil.which("ninja") is None:
+        pytest.skip("ninja is not on PATH")
+    name = "gaaf_patch_test_notice"
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(kernels, "_name", lambda: name)
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / f"{name}.so").write_bytes(b"an earlier build")
+    ran = []
+    monkeypatch.setattr(cpp_extension, "_run_ninja_build", lambda d, verbose, error_prefix: ran.append(d))
+
+    def load(**kwargs):
+        (folder / "build.ninja").write_text("rule touch\n  command = touch $out\nbuild out.txt: touch\n")
+        cpp_extension._run_ninja_build(str(folder), False, error_prefix="x")
+
+    monkeypatch.setattr(cpp_extension, "load", load)
+    kernels.build()
+    assert ran == [str(folder)]
+    err = capsys.readouterr().err
+    assert err.startswith("gaaf_patch: compiling the CPU backward kernel") and err.count("\n") == 1
+    subprocess.run(["ninja"], cwd=folder, check=True, capture_output=True)  # now up to date: nothing to announce
+    kernels.build()
+    assert len(ran) == 2 and capsys.readouterr().err == ""
+    assert cpp_extension._run_ninja_build is not load  # torch's function is put back after the build

@@ -584,3 +584,35 @@ def test_invalid_activation_shape_or_param_raise():
         gaaf(torch.randn(3), "relu", inplace=True)
     with pytest.raises(TypeError):
         GAAF("relu", 3.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# (c2) double backward (create_graph=True): the derivative of the gradient formula, phi'' + s', in both modes and
+# both gains. Regression: tanh and sigmoid differentiated their saved output through GAAF's own backward, and came
+# out (phi' + s) / phi' times too large (2.2x at x = 0.5, 14.7x at x = 4).
+GRADGRAD = [("exact", None), ("exact", 0.1), ("sawtooth", None)]  # the auto gain (delta) is exact-mode only
+
+
+@pytest.mark.parametrize(("mode", "delta"), GRADGRAD, ids=["exact-paper", "exact-auto", "sawtooth"])
+@pytest.mark.parametrize("name, params", CASES, ids=IDS)
+def test_gradgradcheck(name, params, mode, delta):
+    x = _smooth_points(name, params, n=12).requires_grad_()
+    fn = lambda t: gaaf(t, name, mode=mode, delta=delta, **params)  # noqa: E731
+    assert torch.autograd.gradgradcheck(fn, (x,), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["tanh", "sigmoid"])
+def test_second_derivative_against_float64_formula(name):
+    """d/dx (phi'(x) + s(x)) written here: tanh'' = -2 tanh (1 - tanh^2), sigmoid'' = sig (1 - sig) (1 - 2 sig);
+    the default shapes exp(-x^2 / 4) and exp(-x^2 / 16) / 4, differentiated by hand."""
+    x = torch.tensor([-4.0, -0.5, 0.5, 1.0, 2.5, 4.0], dtype=F64, requires_grad=True)
+    (g,) = torch.autograd.grad(gaaf(x, name).sum(), x, create_graph=True)
+    (gg,) = torch.autograd.grad(g.sum(), x)
+    t = x.detach()
+    if name == "tanh":
+        y = torch.tanh(t)
+        ref = -2 * y * (1 - y * y) - t / 2 * torch.exp(-t * t / 4)
+    else:
+        y = torch.sigmoid(t)
+        ref = y * (1 - y) * (1 - 2 * y) - t / 32 * torch.exp(-t * t / 16)
+    torch.testing.assert_close(gg, ref, rtol=1e-9, atol=1e-12)

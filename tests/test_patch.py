@@ -169,9 +169,12 @@ def test_strip_dropout_every_module_kind_and_droppath_separately():
     model = nn.Sequential(*drops, nn.FeatureAlphaDropout(0.3), DropPath(0.3))
     gaaf.patch(model, strip_dropout=True)
     assert _count(model, StrippedDropout) == 6 and isinstance(model[6], DropPath)
-    gaaf.patch(model, strip_droppath=True)
+    gaaf.patch(model, strip_dropout=True, strip_droppath=True)  # other options: a re-patch to exactly these
     assert _count(model, StrippedDropout) == 7
     assert {s["target"] for s in gaaf.report(model).stripped} >= {"Dropout2d", "FeatureAlphaDropout", "DropPath"}
+    gaaf.patch(model, strip_droppath=True)  # dropout no longer asked for: put back
+    assert _count(model, StrippedDropout) == 1 and isinstance(model[0], nn.Dropout)
+    assert gaaf.report(model).config["strip_dropout"] is False
 
 
 def test_attention_dropout_is_stripped_timm_and_torch():
@@ -411,3 +414,167 @@ def test_verbs_refuse_what_is_not_a_module(verb):
     """Issue 14, item 13: ``unpatch(42)`` and ``report(42)`` raised AttributeError from inside."""
     with pytest.raises(gaaf.PatchError, match=f"gaaf_patch.{verb} takes an nn.Module, not int"):
         getattr(gaaf, verb)(42)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# All or nothing; a second patch with other options re-patches (issue 14, item 2)
+
+
+class _Dynamic(nn.Module):
+    def forward(self, x):
+        return F.relu(x) if x.sum() > 0 else torch.tanh(x)  # data-dependent: a run-time scope
+
+
+def _rich() -> nn.Module:
+    """Every kind of change a pass makes: module swaps, traced forwards, a fused BatchNorm (EveryForm), a run-time
+    scope, the attribute forms of torch's transformer layer (activation function, attention dropout)."""
+    torch.manual_seed(0)
+    return nn.Sequential(EveryForm(), _Dynamic(), nn.TransformerEncoderLayer(16, 2, 32, dropout=0.1))
+
+
+def _fingerprint(model: nn.Module):
+    """Structure, every instance attribute and registry entry (by identity), classes, and the state's bytes."""
+    rows = []
+    for name, m in model.named_modules(remove_duplicate=False):
+        registries = [list(m.__dict__[k].items()) for k in ("_modules", "_parameters", "_buffers")]
+        rows.append(
+            (
+                name,
+                id(m),
+                type(m),
+                [(k, id(v)) for k, v in m.__dict__.items()],
+                [[(k, id(v)) for k, v in r] for r in registries],
+            )
+        )
+    state = {k: (v.dtype, v.detach().numpy().tobytes()) for k, v in model.state_dict().items()}
+    return rows, state
+
+
+def _raising_filter(at: int, exc: type[BaseException] = RuntimeError):
+    calls = [0]
+
+    def filter_fn(module, name):
+        calls[0] += 1
+        if calls[0] == at:
+            raise exc(f"filter failed at call {at}")
+        return True
+
+    return filter_fn, calls
+
+
+def _filter_calls(**options) -> int:
+    filter_fn, calls = _raising_filter(at=-1)
+    gaaf.patch(_rich(), filter_fn=filter_fn, **options)
+    return calls[0]
+
+
+@pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
+def test_a_filter_that_raises_leaves_the_model_exactly_as_it_was(exc):
+    n = _filter_calls(strip_dropout=True)
+    assert n > 10
+    for at in (1, 3, n // 2, n):
+        model = _rich()
+        before = _fingerprint(model)
+        filter_fn, _calls = _raising_filter(at, exc)
+        with pytest.raises(exc, match=f"call {at}"):
+            gaaf.patch(model, strip_dropout=True, filter_fn=filter_fn)
+        assert _fingerprint(model) == before, f"changed by a patch that raised at filter call {at}"
+        assert not gaaf.report(model) and gaaf.report(model).config is None  # no record
+
+
+def test_a_failed_repatch_leaves_the_patched_model_as_it_was():
+    model, x = _rich(), torch.randn(8, 16)
+    gaaf.patch(model, strip_dropout=True)
+    grads = _grads(model, x)  # a run adds the run-time scope's sites and moves BatchNorm statistics: first
+    before, config = _fingerprint(model), gaaf.report(model).to_dict()
+    filter_fn, _calls = _raising_filter(3)
+    with pytest.raises(RuntimeError, match="call 3"):
+        gaaf.patch(model, gain="paper", filter_fn=filter_fn)  # other options: unpatch, then patch, which fails
+    assert _fingerprint(model) == before and gaaf.report(model).to_dict() == config
+    assert all(torch.equal(a, b) for a, b in zip(_grads(model, x), grads, strict=True))
+
+
+def test_a_shapes_typo_raises_and_changes_nothing_then_a_retry_gets_its_own_shapes():
+    model = SmallCNN()
+    before = _fingerprint(model)
+    with pytest.raises(gaaf.PatchError, match="'featurez.5' is neither an activation name nor a pattern"):
+        gaaf.patch(model, shapes={"featurez.5": "gauss(width=3)"})
+    assert _fingerprint(model) == before and not gaaf.report(model)
+    gaaf.patch(model, shapes={"features.5": "gauss(width=3)"})
+    shapes = {r["name"]: r["shape"] for r in gaaf.report(model).replaced}
+    assert shapes["features.5"] == "gauss(width=3.0)"
+    assert gaaf.report(model).config["shapes"] == {"features.5": "gauss(width=3.0)"}
+    with pytest.raises(gaaf.PatchError, match="unknown shape 'gaus'"):  # an unknown name: before any pass runs
+        gaaf.patch(model, shapes={"relu": "gaus"})
+    with pytest.raises(gaaf.PatchError, match="filter_fn must be a callable"):
+        gaaf.patch(model, filter_fn="features")
+    assert gaaf.report(model).config["shapes"] == {"features.5": "gauss(width=3.0)"}
+
+
+def _site_gradient(model: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    h = h.detach().clone().requires_grad_()
+    model[1](h).backward(torch.ones_like(h))
+    return h.grad
+
+
+def test_patching_again_with_other_options_repatches():
+    """The site's gradient against float64 formulas written here, after each re-patch; the report's config follows."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 32), nn.Tanh(), nn.Linear(32, 2)).double()
+    h = torch.randn(16, 32, dtype=torch.float64) * 2
+    dphi = 1 - torch.tanh(h) ** 2
+    gaaf.patch(model, gain="paper")
+    torch.testing.assert_close(_site_gradient(model, h), dphi + torch.exp(-(h**2) / 4), rtol=1e-12, atol=1e-12)
+    gaaf.patch(model, gain="paper", shapes={"tanh": "gauss(width=1)"})  # was ignored: the old shape stayed
+    torch.testing.assert_close(_site_gradient(model, h), dphi + torch.exp(-(h**2)), rtol=1e-12, atol=1e-12)
+    assert gaaf.report(model).config["shapes"] == {"tanh": "gauss(width=1.0)"}
+    assert [r["shape"] for r in gaaf.report(model).replaced] == ["gauss(width=1.0)"]
+    gaaf.patch(model, mode="sawtooth", K=50.0)  # was ignored: the forward stayed exact
+    y = model[1](h)
+    g = (h * 50 - torch.floor(h * 50) - 0.5) / 50
+    torch.testing.assert_close(y, torch.tanh(h) + g * torch.exp(-(h**2) / 4), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(_site_gradient(model, h), dphi + torch.exp(-(h**2) / 4), rtol=1e-12, atol=1e-12)
+    cfg = gaaf.report(model).config
+    assert (cfg["mode"], cfg["K"], cfg["shapes"], cfg["gain"]) == ("sawtooth", 50.0, {}, "paper")
+    assert [r["mode"] for r in gaaf.report(model).replaced] == ["sawtooth"]
+    assert sum(isinstance(m, GAAF) for m in model.modules()) == 1  # re-patched, not stacked
+    gaaf.unpatch(model)
+    assert isinstance(model[1], nn.Tanh) and not gaaf.report(model)
+
+
+def test_patching_again_with_another_filter_or_callable_shape_repatches():
+    model = SmallCNN()
+    gaaf.patch(model, filter_fn=lambda m, name: name.startswith("features"))
+    gaaf.patch(model, filter_fn=lambda m, name: not name.startswith("features"))
+    assert [r["name"] for r in gaaf.report(model).replaced] == ["relu"]  # the head's x.relu() only
+    one, two = (lambda x: torch.ones_like(x)), (lambda x: torch.zeros_like(x))  # both named <lambda>
+    model = nn.Sequential(nn.Linear(3, 3), nn.Tanh()).double()
+    h = torch.randn(5, 3, dtype=torch.float64)
+    gaaf.patch(model, gain="paper", shapes={"tanh": one})
+    gaaf.patch(model, gain="paper", shapes={"tanh": two})
+    torch.testing.assert_close(_site_gradient(model, h), 1 - torch.tanh(h) ** 2, rtol=1e-12, atol=1e-12)
+
+
+def test_an_unpickled_model_is_repatched_to_the_same_result(every_form):
+    model, x = every_form
+    gaaf.patch(model, strip_dropout=True)
+    clone = pickle.loads(pickle.dumps(model))
+    gaaf.patch(clone, strip_dropout=True)  # its options are unknown after pickling: unpatched and patched again
+    assert gaaf.report(clone).to_dict() == gaaf.report(model).to_dict()
+    assert torch.equal(clone(x), model(x))
+    assert all(torch.equal(a, b) for a, b in zip(_grads(clone, x), _grads(model, x), strict=True))
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"K": "10"}, "K must be a finite positive number, got '10'"),
+        ({"shapes": {"tanh": "gauss(width='10')"}}, "shape gauss: width must be a finite number, got '10'"),
+        ({"shapes": {"tanh": "gaus"}}, "unknown shape 'gaus' (did you mean gauss?); known: "),
+    ],
+)
+def test_option_errors_keep_their_quotes(options, message):
+    """Issue 14, item 8: the message's closing quote was stripped ("got '10"), a KeyError's quotes were the aim."""
+    with pytest.raises(gaaf.PatchError) as info:
+        gaaf.patch(nn.Sequential(nn.Linear(2, 2), nn.Tanh()), **options)
+    assert str(info.value).startswith(message)

@@ -6,8 +6,8 @@ maps errors to exit codes; ``common`` holds the shared options; one module per s
 ``repro``, ``coverage``, ``kernels``); ``render`` draws the tables. ``python -m gaaf_patch.cli`` runs it too
 (``torchrun ... -m gaaf_patch.cli finetune`` for data-parallel fine-tuning).
 
-Exit codes: 0 success, 1 the check failed, 2 a usage error (one line on stderr, no traceback), 3 an internal error
-(``GAAF_DEBUG=1`` for its traceback), 130 interrupted.
+Exit codes: 0 success, 1 the check failed or an internal error (a bug: its traceback), 2 a usage error (one line on
+stderr, no traceback), 130 interrupted.
 """
 
 from .app import main

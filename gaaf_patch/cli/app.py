@@ -4,15 +4,15 @@ A subcommand is one module with ``NAME``, ``add_parser(subparsers)`` (which sets
 returning the exit code, listed in :data:`COMMANDS`. ``gaaf-patch MODEL`` is short for ``gaaf-patch patch MODEL``.
 
 Errors are told apart by type, never by message: a :class:`~gaaf_patch.errors.GaafError` is the user's to fix (one
-line, exit 2; :class:`~gaaf_patch.verify.VerificationFailed`, exit 1); anything else is a bug in gaaf-patch (one
-line that says so, exit 3; ``GAAF_DEBUG=1`` shows the traceback instead).
+line, exit 2; :class:`~gaaf_patch.verify.VerificationFailed`, exit 1); an interrupt is one line, exit 130; anything
+else is a bug in gaaf-patch, and its traceback is what a report needs: it is printed, exit 1.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+import traceback
 from collections.abc import Sequence
 
 from ..errors import GaafError, one_line
@@ -24,8 +24,8 @@ __all__ = ["main", "build_parser", "COMMANDS", "DEFAULT_COMMAND"]
 
 COMMANDS = (patch, finetune, repro, coverage, kernels)
 DEFAULT_COMMAND = patch.NAME
-EXIT_FAILED, EXIT_USAGE, EXIT_INTERNAL = 1, 2, 3
-DEBUG_ENV = "GAAF_DEBUG"
+EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130  # 130: the shell's code for a process ended by SIGINT
+EXIT_INTERNAL = EXIT_FAILED  # a bug: its traceback, and 1 like any uncaught Python exception
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,17 +51,13 @@ def _with_default_command(argv: list[str]) -> list[str]:
     return [DEFAULT_COMMAND, *argv]
 
 
-def _debug() -> bool:
-    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit code instead of exiting, so tests
     and other programs can call it in-process.
 
-    0 success; 1 the check failed (the patch, or the fine-tuning's deployment check); 2 a usage error, argparse's or
-    any :class:`~gaaf_patch.errors.GaafError` (one line on stderr, no traceback); 3 an internal error (a bug: one
-    line asking for a report, or the traceback with ``GAAF_DEBUG=1``); 130 ``finetune`` interrupted.
+    0 success; 1 the check failed (the patch, or the fine-tuning's deployment check), or an internal error (a bug:
+    its traceback on stderr); 2 a usage error, argparse's or any :class:`~gaaf_patch.errors.GaafError` (one line on
+    stderr, no traceback); 130 interrupted (Ctrl-C; one line).
     """
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -77,12 +73,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GaafError as e:
         print(f"{PROG}: error: {one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
-    except Exception as e:  # noqa: BLE001 - not raised on purpose: a bug, reported as one, not as a usage error
-        if _debug():
-            raise
-        print(
-            f"{PROG}: internal error: {type(e).__name__}: {one_line(e, 500)} "
-            f"(please report; rerun with {DEBUG_ENV}=1 for the traceback)",
-            file=sys.stderr,
-        )
+    except KeyboardInterrupt:  # subcommands that have more to say (finetune: which checkpoint) catch it first
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception:  # noqa: BLE001 - not raised on purpose: a bug, shown as one, with its traceback
+        traceback.print_exc()
+        print(f"{PROG}: internal error (a bug): please report it with the traceback above", file=sys.stderr)
         return EXIT_INTERNAL

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import sys
 import time
 import warnings
@@ -38,6 +39,7 @@ from .common import (
 
 NAME = "patch"
 SCALE_BATCH = 8  # the smallest batch the gradient-scale check runs on
+MAX_BATCH_BYTES = 1 << 30  # the largest random batch (float32) the check builds: 1 GiB
 
 
 def add_parser(sub: Subparsers) -> None:
@@ -62,6 +64,8 @@ def add_parser(sub: Subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.out:
         require_directory(args.out, "--out")
+    if args.input_size:  # before the model is built: torchvision's ViTs size their position embedding by it
+        check_batch_bytes((args.batch_size, *args.input_size))
     with torch.random.fork_rng(devices=[]):  # a seeded init makes runs comparable, without touching the caller's RNG
         torch.manual_seed(SEED)
         model = build_model(args.model, args.num_classes, args.input_size)
@@ -69,8 +73,9 @@ def run(args: argparse.Namespace) -> int:
     if args.checkpoint:
         ckpt = load_checkpoint(model, args.checkpoint)
         checkpoint = {"path": args.checkpoint, "key": ckpt.key, "gaaf_config": ckpt.gaaf_config}
-    original = copy.deepcopy(model)
     input_shape = (args.batch_size, *(args.input_size or default_input_size(model)))
+    check_batch_bytes(input_shape)
+    original = copy.deepcopy(model)
 
     with warnings.catch_warnings():
         # patch() warns about unreached sites; they are in the report, printed below.
@@ -111,6 +116,23 @@ def run(args: argparse.Namespace) -> int:
     return 0 if check.ok else 1
 
 
+def batch_bytes(shape: Sequence[int]) -> int:
+    """Bytes of a float32 batch of ``shape``."""
+    return math.prod(shape) * 4
+
+
+def check_batch_bytes(shape: Sequence[int], batch_flag: str = "--batch-size") -> None:
+    """Refuse, before anything is allocated, a check batch beyond :data:`MAX_BATCH_BYTES`: the model's activations
+    take many times the input, so such a batch ends in an out-of-memory error (or the machine swapping) instead."""
+    n = batch_bytes(shape)
+    if n > MAX_BATCH_BYTES:
+        raise UsageError(
+            f"--input-size {','.join(map(str, shape[1:]))} with {batch_flag} {shape[0]} makes a batch of "
+            f"{n / 2**30:.3g} GiB, and the model's activations need many times that; the check takes at most "
+            f"{MAX_BATCH_BYTES / 2**30:g} GiB: give a smaller --input-size or {batch_flag}"
+        )
+
+
 def _save(model: nn.Module, config: dict[str, Any], args: argparse.Namespace) -> None:
     """Through a temporary file and a rename: a failed save keeps the previous file as it was."""
     from ..finetune.checkpoint import atomic_save
@@ -132,6 +154,7 @@ def _patch_or_calibrate(model: nn.Module, args: argparse.Namespace, per_sample: 
         raise UsageError("--calibrate derives the shapes from the dropout it strips: add --strip-dropout")
     if args.masks < 2:
         raise UsageError("--masks must be at least 2 to measure a variance")
+    check_batch_bytes((args.calibrate_batch_size, *per_sample), "--calibrate-batch-size")
     batches = load_batches(
         args.calibrate,
         per_sample,
@@ -150,6 +173,8 @@ def _gradient_scale(model: nn.Module, replaced: bool, input_shape: Sequence[int]
     if not replaced:
         return None, render.NOT_REPLACED
     shape = (max(SCALE_BATCH, input_shape[0]), *input_shape[1:])
+    if batch_bytes(shape) > MAX_BATCH_BYTES:
+        return None, f"not measured: a batch of {shape[0]} would take {batch_bytes(shape) / 2**30:.3g} GiB"
     batch = torch.randn(shape, generator=torch.Generator().manual_seed(SEED))
     try:
         return measure_gradient_scale(model, batch), ""

@@ -191,7 +191,6 @@ def run_study(cfg: DepthConfig, reporter: Reporter | None = None) -> dict[str, A
     device = study.device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    cfg.out.mkdir(parents=True, exist_ok=True)
     env = {
         **study.environment(device),
         "timm": timm.__version__,
@@ -210,6 +209,7 @@ def run_study(cfg: DepthConfig, reporter: Reporter | None = None) -> dict[str, A
         reporter.start([f"{m} {g} {v} seed {s}" for m, g, v, s in todo], sorted(done), results["data"], str(device))
         batch = cfg.recipes["scratch"].batch_size
         _warm_up(list(dict.fromkeys(t[0] for t in todo)), data.x_train[:batch], data.y_train[:batch])
+    cfg.out.mkdir(parents=True, exist_ok=True)  # after what may fail on the options or the data: nothing left behind
     for m, g, v, s in todo:
         run = run_one(cfg, m, g, v, s, data, results, reporter)
         run["environment"] = env

@@ -12,6 +12,7 @@ from typing import Any
 import torch.nn.functional as F
 
 from .. import data as _data
+from . import study
 from .depth_setup import Sizing
 from .train import Data, StudyError
 
@@ -26,7 +27,8 @@ def load_data(sizing: Sizing, data_dir: str | None = None) -> tuple[Data, dict[s
     rest), each capped at the sizing, bilinearly upsampled from 8x8.
     """
     if sizing.data == "mnist":
-        tr, te = _data.mnist(data_dir, train=True), _data.mnist(data_dir, train=False)
+        study.require_mnist(data_dir)
+        tr, te = _data.mnist(data_dir, train=True, download=False), _data.mnist(data_dir, train=False, download=False)
         if sizing.train + sizing.val > len(tr):
             raise StudyError(f"train {sizing.train} + validation {sizing.val} exceed MNIST's {len(tr)} images")
         parts = [tr.images[: sizing.train], tr.labels[: sizing.train], tr.images[-sizing.val :],

@@ -75,8 +75,9 @@ class StudyConfig:
 
 def load_data(cfg: StudyConfig) -> Data:
     """MNIST as flat float tensors: train / validation (the last ``val_size`` of the training set) / test."""
-    tr = _data.mnist(cfg.data_dir, train=True)
-    te = _data.mnist(cfg.data_dir, train=False)
+    study.require_mnist(cfg.data_dir)
+    tr = _data.mnist(cfg.data_dir, train=True, download=False)
+    te = _data.mnist(cfg.data_dir, train=False, download=False)
     x, y = tr.images.flatten(1), tr.labels
     if not 0 < cfg.val_size < len(y):
         raise StudyError(f"validation size {cfg.val_size} must be between 1 and {len(y) - 1}")
@@ -230,16 +231,17 @@ def run_study(cfg: StudyConfig, reporter: Reporter | None = None) -> dict[str, A
     else:
         results = {"study": "mnist", "version": VERSION, "setup": setup, "models": list(cfg.models), "runs": [],
                    "paper": {"table4": PAPER, "table2": PAPER_GRADIENT_INFO}}  # fmt: skip
-    cfg.out.mkdir(parents=True, exist_ok=True)
+    device = study.device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = study.device(cfg.device)
     done = {(r["model"], r["seed"]) for r in results["runs"]}
     # Seed-major order: after k seeds every model has k runs, so a partial study is a fair comparison.
     todo = [(m, s) for s in range(cfg.seeds) for m in cfg.models if (m, s) not in done]
     if todo:  # a finished study is only re-summarized and re-plotted
         data = load_data(cfg).to(device)
         results["data"] = data.sizes()
+    cfg.out.mkdir(parents=True, exist_ok=True)  # after what may fail on the options or the data: nothing left behind
+    if todo:
         reporter.start(todo, sorted(done), results["data"], str(device))
     for name, seed in todo:
         run = run_one(name, seed, data, cfg, reporter)

@@ -19,9 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import data as _data
 from .train import EpochLog, StudyError
 
-__all__ = ["Reporter", "device", "environment", "git_commit", "stats", "save", "load_resumable"]
+__all__ = ["Reporter", "device", "require_mnist", "environment", "git_commit", "stats", "save", "load_resumable"]
 
 
 class Reporter:
@@ -38,10 +39,25 @@ def device(name: str) -> torch.device:
     """``auto``: CUDA when there is one, else the CPU; asking for CUDA without one is an error, not a silent CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise StudyError(f"--device {name}: not a device; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise StudyError("--device cuda: no CUDA device is available")
+        raise StudyError(f"--device {name}: no CUDA device is available; use --device cpu (or auto)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise StudyError(f"--device {name}: there are {torch.cuda.device_count()} CUDA device(s), numbered from 0")
     return dev
+
+
+def require_mnist(data_dir: str | None) -> None:
+    """The studies never download MNIST (a run on a machine without network would stall or fail half way, and
+    would leave a data folder behind): it must be there, or the study stops here, having created nothing."""
+    if not _data.mnist_available(data_dir):
+        raise StudyError(
+            f"MNIST not found under {_data.data_dir(data_dir) / 'MNIST' / 'raw'} (the studies do not download it); "
+            f"pass --data-dir DIR or set {_data.ENV} to a directory holding MNIST/raw/*-ubyte (torchvision layout)"
+        )
 
 
 def environment(dev: torch.device) -> dict[str, Any]:

@@ -2,6 +2,18 @@
 
 from . import dropout, library
 from .dropout import dropout_matched
-from .registry import ShapeFn, available, get, register, resolve
+from .registry import ShapeError, ShapeFn, available, freeze_builtins, get, register, resolve
 
-__all__ = ["ShapeFn", "available", "get", "register", "resolve", "library", "dropout", "dropout_matched"]
+freeze_builtins()  # every name registered above is gaaf_patch's own: shapes.register never replaces it
+
+__all__ = [
+    "ShapeFn",
+    "ShapeError",
+    "available",
+    "get",
+    "register",
+    "resolve",
+    "library",
+    "dropout",
+    "dropout_matched",
+]

@@ -17,7 +17,20 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["ShapeFn", "FastPath", "register", "get", "available", "resolve", "add_check", "parse_spec"]
+from ..errors import GaafError
+
+__all__ = [
+    "ShapeFn",
+    "ShapeError",
+    "FastPath",
+    "register",
+    "get",
+    "available",
+    "resolve",
+    "add_check",
+    "parse_spec",
+    "freeze_builtins",
+]
 
 
 @dataclass(frozen=True)
@@ -125,19 +138,44 @@ def _floats(params: Mapping[str, Any]) -> dict[str, Any]:
     return {k: float(v) if isinstance(v, int) and not isinstance(v, bool) else v for k, v in params.items()}
 
 
+class ShapeError(GaafError, ValueError):
+    """A registration the registry refuses (a name already taken); the message says what to do."""
+
+
+_BUILTIN: frozenset[str] = frozenset()  # the names gaaf_patch registers itself (set by freeze_builtins)
+
+
+def freeze_builtins() -> None:
+    """Mark every name registered so far as built-in: never replaced (called once the library's shapes exist)."""
+    global _BUILTIN
+    _BUILTIN = frozenset(_REGISTRY)
+
+
 def register(
     name: str,
     fn: Callable[..., Tensor] | None = None,
     *,
     family: str | None = None,
     fast: FastPath | None = None,
+    replace: bool = False,
     **params: Any,
 ):
     """Register a shape function under ``name``, with default ``params``. Usable as a decorator.
 
     ``register("gauss", width=4.0)(fn)`` registers a family (``fast``: its :class:`FastPath`, if any);
     ``register("tanh", family="gauss", width=4.0)`` registers a named member of an existing family (no ``fn``).
+
+    A name already registered is refused (a saved patch configuration names its shapes, and a silent overwrite
+    would change what it replays), unless ``replace=True``; gaaf_patch's own names are never replaced.
     """
+    if name in _BUILTIN:
+        raise ShapeError(f"{name!r} is one of gaaf_patch's own shapes and cannot be replaced; register yours under "
+                         "another name")  # fmt: skip
+    if name in _REGISTRY and not replace:
+        raise ShapeError(
+            f"a shape named {name!r} is already registered ({_REGISTRY[name].spec}); pass replace=True to replace "
+            "it, or choose another name"
+        )
     params = _floats(params)
 
     def add(f: Callable[..., Tensor]) -> Callable[..., Tensor]:
@@ -209,5 +247,5 @@ def resolve(shape: str | ShapeFn | Callable[[Tensor], Tensor]) -> ShapeFn:
     if callable(shape):
         label = getattr(shape, "__name__", type(shape).__name__)
         label = label if label.startswith("<") else f"<{label}>"
-        return ShapeFn(label, lambda x, _f=shape: _f(x), {}, label)
+        return ShapeFn(label, shape, {}, label)  # fn is the callable itself: patch tells two such shapes apart by it
     raise TypeError(f"a shape must be a registered name, a ShapeFn or a callable s(x), not {type(shape).__name__}")

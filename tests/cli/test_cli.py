@@ -389,25 +389,88 @@ def test_an_infinite_K_is_a_usage_error_and_nan_outputs_fail_the_check(capsys):
 # ----------------------------------------------------------------------------------------------------- exit codes
 
 
-def test_a_bug_is_an_internal_error_not_a_usage_error(monkeypatch, capsys, factory_file: Path) -> None:
-    """Errors are told apart by type: a ValueError that no one raised on purpose is exit 3, not 2."""
+def test_a_bug_is_an_internal_error_with_its_traceback(monkeypatch, capsys, factory_file: Path) -> None:
+    """Errors are told apart by type: a ValueError that no one raised on purpose is a bug, not a usage error (2).
+    Issue 14: a bug shows its traceback, exit 1 (it was one line and exit 3)."""
     from gaaf_patch.cli import patch as patch_command
 
     def buggy(*args, **kwargs):
         raise ValueError("an internal slip")
 
     monkeypatch.setattr(patch_command, "verify", buggy)
-    monkeypatch.delenv("GAAF_DEBUG", raising=False)
-    argv = [f"{factory_file}:make_net", "--input-size", "3,8,8"]
-    assert main(argv) == 3
+    assert main([f"{factory_file}:make_net", "--input-size", "3,8,8"]) == 1
     err = capsys.readouterr().err
-    assert err == (
-        "gaaf-patch: internal error: ValueError: an internal slip "
-        "(please report; rerun with GAAF_DEBUG=1 for the traceback)\n"
-    )
-    monkeypatch.setenv("GAAF_DEBUG", "1")
-    with pytest.raises(ValueError, match="an internal slip"):
-        main(argv)
+    assert err.startswith("Traceback (most recent call last):") and "in buggy" in err
+    assert err.splitlines()[-2:] == [
+        "ValueError: an internal slip",
+        "gaaf-patch: internal error (a bug): please report it with the traceback above",
+    ]
+
+
+def test_an_interrupt_is_one_line_and_exit_130(monkeypatch, capsys, factory_file: Path) -> None:
+    from gaaf_patch.cli import patch as patch_command
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(patch_command, "verify", interrupted)
+    assert main([f"{factory_file}:make_net", "--input-size", "3,8,8"]) == 130
+    assert capsys.readouterr().err == "gaaf-patch: interrupted\n"
+
+
+PICKY = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+
+    class Picky(nn.Module):
+        # a model with its own rules about the input, like torchvision's ViT (an assert on the image size)
+        def __init__(self, error):
+            super().__init__()
+            self.conv, self.error = nn.Conv2d(3, 4, 3), error
+
+        def forward(self, x):
+            if x.shape[-1] != x.shape[-2]:
+                if self.error == "assert":
+                    assert False, f"Wrong image width! Expected {x.shape[-2]} but got {x.shape[-1]}!"
+                raise TypeError(f"cannot take a {x.shape[-2]}x{x.shape[-1]} image")
+            return torch.tanh(self.conv(x)).mean((2, 3))
+
+
+    def asserting():
+        return Picky("assert")
+
+
+    def typed():
+        return Picky("type")
+    """
+)
+
+
+@pytest.mark.parametrize(("factory", "cause"), [("asserting", "Wrong image width"), ("typed", "cannot take a 32x48")])
+def test_a_model_that_rejects_the_check_input_is_one_line(capsys, tmp_path: Path, factory: str, cause: str) -> None:
+    """Issue 14, item 8 (``gaaf-patch tv:vit_b_16 --input-size 3,32,48``): the model's own AssertionError or
+    TypeError on the check batch is the input size's fault: one line that says which flag to change, exit 2."""
+    path = tmp_path / "picky.py"
+    path.write_text(PICKY)
+    assert main([f"{path}:{factory}", "--input-size", "3,32,48"]) == 2
+    line = error_line(capsys)
+    assert "[2, 3, 32, 48]" in line and cause in line and line.endswith("set --input-size")
+
+
+def test_an_input_size_too_large_to_check_is_refused_before_building(monkeypatch, capsys) -> None:
+    """Issue 14, item 8: ``--input-size 3,100000,100000`` allocated (or tried to) a 224 GiB batch, after building
+    the model at that size; it is now refused in one line before anything is built."""
+    from gaaf_patch.cli import patch as patch_command
+
+    monkeypatch.setattr(patch_command, "build_model", lambda *a, **k: pytest.fail("the model was built"))
+    assert main(["tv:vit_b_16", "--input-size", "3,100000,100000"]) == 2
+    line = error_line(capsys)
+    assert "--input-size 3,100000,100000 with --batch-size 2 makes a batch of 224 GiB" in line
+    assert line.endswith("give a smaller --input-size or --batch-size")
+    assert main(["resnet10t", "--input-size", "3,8192,8192", "--batch-size", "8"]) == 2
+    assert "makes a batch of 6 GiB" in error_line(capsys)
 
 
 def test_every_library_error_is_a_gaaf_error() -> None:

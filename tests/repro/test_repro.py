@@ -143,6 +143,31 @@ def test_cli_reports_missing_data_in_one_line(tmp_path, monkeypatch, capsys):
     assert rc == 2 and err.count("\n") == 1 and "--data-dir" in err
 
 
+@pytest.mark.parametrize("study", [["mnist", "--quick"], ["depth", "--models", "resnet18"]])
+def test_the_studies_never_download_and_create_nothing_without_mnist(tmp_path, monkeypatch, capsys, study):
+    """Issue 14, item 13: ``repro mnist`` without data tried to download it, creating the data directory (and the
+    output folder); now one line that points to --data-dir / GAAF_DATA_DIR, and nothing on disk."""
+    import torchvision.datasets
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", lambda *a, **k: pytest.fail("torchvision's MNIST was called"))
+    monkeypatch.delenv(gdata.ENV, raising=False)
+    data_dir, out = tmp_path / "data", tmp_path / "out"
+    assert cli.main(["repro", *study, "--data-dir", str(data_dir), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"gaaf-patch: error: MNIST not found under {data_dir}")
+    assert "do not download" in err and "--data-dir" in err and gdata.ENV in err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("device", "expect"), [("bogus", "not a device"), ("cuda:99", "")])
+def test_a_bad_device_is_one_line_and_creates_nothing(tmp_path, capsys, device, expect):
+    out = tmp_path / "out"
+    assert cli.main(["repro", "mnist", "--quick", "--device", device, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"gaaf-patch: error: --device {device}: ") and expect in err
+    assert not out.exists()
+
+
 def test_cli_repro_mnist_quick_end_to_end(tmp_path, mnist_dir, capsys):
     out = tmp_path / "quick"
     models = ["base", "dropout", "gaaf", "gaaf_relu", "calibrated"]  # tanh, dropout, GAAF on both, calibrated

@@ -441,3 +441,28 @@ def test_the_cli_refuses_a_bad_shape_in_one_line(capsys):
     assert main(["tv:resnet18", "--input-size", "3,32,32", "--shape", "relu=gauss(width=-1)"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["gaaf-patch: error: shape gauss(width=-1): width must be > 0"]
+
+
+def test_a_registered_name_is_not_overwritten_silently(clean_registry):
+    """Issue 14, item 13: register silently replaced a name, built-ins included (every saved config naming it
+    would then replay another shape)."""
+    from gaaf_patch.errors import GaafError
+
+    tanh = get("tanh")
+    for name in ("tanh", "gauss", "relu_keras", "dropout_matched"):
+        with pytest.raises(shapes.ShapeError, match=f"'{name}' is one of gaaf_patch's own shapes"):
+            register(name, family="gauss", width=1.0, replace=True)  # never, even when asked
+    assert get("tanh") is tanh
+    with pytest.raises(shapes.ShapeError, match="cannot be replaced"):
+
+        @register("gauss", width=1.0)
+        def fake(x, width):
+            return x
+
+    assert get("gauss")(torch.tensor([0.0])).item() == 1.0
+    register("mine_t", family="gauss", width=2.0)
+    with pytest.raises(shapes.ShapeError, match=r"'mine_t' is already registered \(gauss\(width=2.0\)\); pass replace"):
+        register("mine_t", family="gauss", width=3.0)
+    assert get("mine_t").params["width"] == 2.0
+    assert register("mine_t", family="gauss", width=3.0, replace=True).params["width"] == 3.0
+    assert issubclass(shapes.ShapeError, GaafError) and issubclass(shapes.ShapeError, ValueError)
