@@ -29,6 +29,9 @@ def _check_model(model: Any) -> None:
         wrapped = "torch.compile'd; patch the model before torch.compile, or use gaaf_patch.compile(model)"
     if wrapped:
         raise PatchError(f"the model is {wrapped}")
+    from .finetune.fsdp import check_not_sharded  # lazy: gaaf_patch.finetune imports this module
+
+    check_not_sharded(model)
 
 
 def patch(

@@ -8,6 +8,7 @@ their code is, and the modules in its globals travel by name.
 from __future__ import annotations
 
 import importlib
+import inspect
 import types
 import warnings
 from dataclasses import dataclass
@@ -81,6 +82,12 @@ class PatchedForward:
                 )
             return getattr(type(self.module), self.method)(self.module, *args, **kwargs)
         return self.scope()(*args, **kwargs)
+
+    @property
+    def __signature__(self) -> Any:
+        # inspect.signature(model.forward) must see the class's parameters (Hugging Face's Trainer drops the input
+        # columns a forward does not name), not this wrapper's (*args, **kwargs).
+        return inspect.signature(getattr(type(self.module), self.method).__get__(self.module))
 
     def scope(self) -> Any:
         """The run-time scope for calls the trace does not cover (made on first need)."""

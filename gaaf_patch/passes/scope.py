@@ -96,6 +96,12 @@ class RuntimeScope:
         self.stripped: dict[str, dict[str, Any]] = {}
         self.skipped: dict[str, dict[str, Any]] = {}
 
+    @property
+    def __signature__(self) -> Any:
+        import inspect  # the class's parameters, for code that reads model.forward's signature (Trainer)
+
+        return inspect.signature(getattr(type(self.module), self.method).__get__(self.module))
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         with _Rewrite(self):
             return getattr(type(self.module), self.method)(self.module, *args, **kwargs)

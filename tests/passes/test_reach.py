@@ -310,3 +310,22 @@ def test_compile_and_patch_strip_and_replace_the_same_sites(model_type, override
     assert len(rc.stripped) == len(rp.stripped) > 0
     assert sorted(s["p"] for s in rc.stripped) == sorted(s["p"] for s in rp.stripped)
     assert audit(patched, **x).ok
+
+
+def test_a_rewritten_forward_keeps_the_class_signature():
+    """Hugging Face's Trainer drops the dataset columns ``model.forward``'s signature does not name: the patched
+    forward (traced or run-time) must show the class's parameters, not ``(*args, **kwargs)``."""
+    import inspect
+
+    class Traced(nn.Module):
+        def forward(self, x, mask=None):
+            return F.relu(x)
+
+    class Untraced(nn.Module):
+        def forward(self, input_ids, attention_mask=None, **kwargs):
+            return F.gelu(input_ids.float()) if input_ids.sum() > 0 else input_ids.float()
+
+    for cls in (Traced, Untraced):
+        model = gaaf.patch(cls())
+        assert type(model.__dict__["forward"]).__name__ in ("PatchedForward", "RuntimeScope")
+        assert inspect.signature(model.forward) == inspect.signature(cls().forward)
