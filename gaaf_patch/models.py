@@ -209,7 +209,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {one_line(e)}") from e
+        raise CheckpointError(f"cannot read checkpoint {path}: {_unreadable(path, e)}") from e
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, not a state_dict")
     key = next((k for k in STATE_DICT_KEYS if isinstance(obj.get(k), Mapping)), "")
@@ -222,6 +222,24 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
             f"tensors ({', '.join(map(str, bad[:3]))}); expected a state_dict or a dict with one of {STATE_DICT_KEYS}"
         )
     return Checkpoint(_strip_wrappers(dict(weights)), key, extra)
+
+
+def _unreadable(path: Path, e: Exception) -> str:
+    """Why ``path`` did not load, in words to act on: torch's own errors for an empty file and for one that is not a
+    checkpoint at all are ``EOFError:`` and ``KeyError: 101``."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(8)
+    except OSError as err:
+        return one_line(err)
+    if not head:
+        return "the file is empty (0 bytes: a copy or a write that did not finish?); pass a file torch.save wrote"
+    if path.suffix != ".safetensors" and not head.startswith((b"PK\x03\x04", b"\x80")):  # zip archive, pickle
+        return (
+            f"not a file torch.save writes (a zip archive or a pickle; it starts with {head!r}); pass a checkpoint "
+            "torch.save wrote, or a .safetensors file"
+        )
+    return f"{type(e).__name__}: {one_line(e)}"
 
 
 def _strip_wrappers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

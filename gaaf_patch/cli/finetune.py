@@ -1,18 +1,19 @@
 """``gaaf-patch finetune MODEL``: the flags of :class:`gaaf_patch.finetune.FinetuneOptions`, one to one.
 
-Ctrl-C exits with 130 and says which checkpoint ``--resume`` continues from (one is written after every epoch).
+Ctrl-C (SIGINT) exits with 130 and SIGTERM with 143, each with one line saying which checkpoint ``--resume``
+continues from (one is written after every epoch, atomically: an interrupt never leaves a torn one).
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from . import render
 from .common import PROG, Subparsers, add_model_arguments, add_patch_options, input_size, patch_kwargs, positive_int
 
 NAME = "finetune"
-INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
 
 
 def add_parser(sub: Subparsers) -> None:
@@ -57,31 +58,37 @@ def add_parser(sub: Subparsers) -> None:
     o = p.add_argument_group("output")
     o.add_argument("--out", metavar="PATH", help="checkpoint written after every epoch (default MODEL-gaaf.pt)")
     o.add_argument("--resume", metavar="PATH", help="continue from a checkpoint this command wrote")
+    o.add_argument(
+        "--overwrite", action="store_true",
+        help="replace an existing --out (without it, an existing --out other than the --resume file is refused)",
+    )  # fmt: skip
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from ..finetune import FinetuneOptions, finetune
+    from ..finetune import FinetuneOptions, Interrupted, finetune, handle_interrupts
+    from ..finetune.interrupt import Terminated
 
     opts = FinetuneOptions(
         model=args.model, data=args.data, checkpoint=args.checkpoint, num_classes=args.num_classes,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, opt=args.opt, momentum=args.momentum,
         weight_decay=args.weight_decay, sched=args.sched, input_size=args.input_size, data_dir=args.data_dir,
         download=args.download, workers=args.workers, amp=args.amp, compile=args.compile,
-        patch=None if args.no_patch else patch_kwargs(args), out=args.out, resume=args.resume, seed=args.seed,
-        device=args.device,
+        patch=None if args.no_patch else patch_kwargs(args), out=args.out, resume=args.resume,
+        overwrite=args.overwrite, seed=args.seed, device=args.device,
     )  # fmt: skip
     console = Console(highlight=False)
-    try:
-        result = finetune(opts, console)
-    except KeyboardInterrupt:
-        out = opts.out_path
-        where = f"; the last checkpoint is {out}: continue with --resume {out}" if out.is_file() else ""
-        print(f"{PROG}: interrupted{where}", file=sys.stderr)
-        return INTERRUPTED
-    if result.out is None:
-        return 0
-    render.print_deployment(console, args.model, str(result.out), result.deploy)
-    return 0 if result.ok else 1
+    with handle_interrupts():
+        try:
+            result = finetune(opts, console)
+        except KeyboardInterrupt as e:
+            if not isinstance(e, Interrupted):  # stopped before the run began
+                e = Interrupted(signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT, None, 0, opts.epochs)
+            print(f"{PROG}: {e}", file=sys.stderr)
+            return e.exit_code
+        if result.out is None:
+            return 0
+        render.print_deployment(console, args.model, str(result.out), result.deploy)
+        return 0 if result.ok else 1

@@ -8,6 +8,7 @@
 from .checkpoint import atomic_save, capture_rng, restore_rng, state_digest
 from .head import HeadError, find_classifier, num_outputs, replace_classifier
 from .inputs import InputAdapter, model_input_size, normalization
+from .interrupt import Interrupted, handle_interrupts
 from .options import EMBEDDED_DATA, FinetuneError, FinetuneOptions
 from .run import FinetuneResult, finetune
 
@@ -16,6 +17,8 @@ __all__ = [
     "FinetuneOptions",
     "FinetuneResult",
     "FinetuneError",
+    "Interrupted",
+    "handle_interrupts",
     "EMBEDDED_DATA",
     "HeadError",
     "find_classifier",

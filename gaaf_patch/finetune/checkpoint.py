@@ -5,9 +5,10 @@ A checkpoint is one ``torch.save``-d dict::
     {"state_dict": ...,        # the model's weights, keys of the *unpatched* model (GAAF modules hold no state)
      "optimizer": ..., "scheduler": ..., "scaler": ...,  # to resume
      "epoch": 3,               # epochs completed
-     "rng": {...},             # torch CPU (and CUDA) generator states and Python's, to resume bit for bit
+     "steps_per_epoch": 22,    # optimizer steps per epoch (the learning-rate schedule's unit)
+     "rng": {...},             # torch CPU (and CUDA) generator states, Python's and NumPy's, to resume bit for bit
      "gaaf_config": {...},     # the patch configuration (None: trained unpatched), as `gaaf-patch --out` writes it
-     "model": "resnet50", "num_classes": 10, "input_size": [3, 224, 224],
+     "model": "resnet50", "num_classes": 10, "input_size": [3, 224, 224], "data_source": "digits",
      "args": {...}, "history": [{"epoch": 1, "train_loss": ..., "val_acc": ...}, ...],
      "replicas": {"world_size": 2, "digests": [...]}}   # per-rank weight digests (DistributedDataParallel)
 
@@ -15,50 +16,182 @@ Everything in it is a tensor or a plain container, so it loads with ``torch.load
 is data, never code. ``"state_dict"`` comes first in the lookup of ``read_checkpoint``, so the file can be given
 back to ``--checkpoint`` (to fine-tune again), to ``--resume``, and to ``gaaf-patch patch --checkpoint``.
 
-Atomic: the file is written next to its destination under a temporary name, flushed to disk, then renamed over it
-(``os.replace`` is atomic on POSIX and Windows). An interrupted run leaves the previous checkpoint intact and at
-most a stray ``.tmp`` file, never a truncated checkpoint.
+Atomic: the file is written next to its destination under a temporary name (:func:`temp_path`), flushed and
+fsync-ed, then renamed over it (``os.replace`` is atomic on POSIX and Windows). An interrupted write leaves the
+previous file intact; only a process killed outright (SIGKILL, a power cut) can leave its temporary file behind,
+and :func:`remove_stray_temps` deletes those (and only those: the name pattern is this module's) at the next start.
+The temporary file is created with ``os.open(..., 0o666)``, so the umask applies as for any new file (``tempfile``
+would make it 0600); a file that is replaced keeps its permissions.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
-import tempfile
-from collections.abc import Mapping
+import re
+import secrets
+import stat
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["atomic_save", "capture_rng", "restore_rng", "state_digest"]
+__all__ = [
+    "atomic_save",
+    "temp_path",
+    "stray_temps",
+    "remove_stray_temps",
+    "check_writable",
+    "capture_rng",
+    "restore_rng",
+    "seeded",
+    "state_digest",
+]
+
+_TEMP_SUFFIX = ".tmp"
+_TEMP_TOKEN = re.compile(r"[a-z0-9_]{8}")  # ours are 8 hex digits; tempfile's (older versions of this module) match too
+
+
+def temp_path(path: str | os.PathLike[str]) -> Path:
+    """A fresh temporary name next to ``path``: ``.NAME.XXXXXXXX.tmp`` (hidden, 8 random hex digits)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{secrets.token_hex(4)}{_TEMP_SUFFIX}")
+
+
+def stray_temps(path: str | os.PathLike[str]) -> list[Path]:
+    """The temporary files :func:`atomic_save` may have left next to ``path`` (nothing else matches)."""
+    path = Path(path)
+    prefix = f".{path.name}."
+    folder = path.parent
+    if not folder.is_dir():
+        return []
+    found = []
+    for p in folder.iterdir():
+        name = p.name
+        if name.startswith(prefix) and name.endswith(_TEMP_SUFFIX):
+            token = name[len(prefix) : -len(_TEMP_SUFFIX)]
+            if _TEMP_TOKEN.fullmatch(token) and p.is_file() and not p.is_symlink():
+                found.append(p)
+    return sorted(found)
+
+
+def remove_stray_temps(path: str | os.PathLike[str]) -> list[Path]:
+    """Delete what :func:`stray_temps` finds (the leftovers of a killed write); returns what was removed."""
+    removed = []
+    for p in stray_temps(path):
+        try:
+            p.unlink()
+            removed.append(p)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def _create(tmp: Path, mode: int) -> int:
+    return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), mode)
+
+
+def check_writable(path: str | os.PathLike[str]) -> None:
+    """Raise ``OSError`` unless a file can be created next to ``path`` (what :func:`atomic_save` will need): the
+    folder exists, is writable and is not on a read-only file system. Creating a file is the only test that is right
+    for root, ACLs and read-only mounts alike; it is removed at once."""
+    tmp = temp_path(path)
+    os.close(_create(tmp, 0o600))
+    tmp.unlink(missing_ok=True)
+
+
+def _cause(e: BaseException) -> BaseException | None:
+    """The interrupt or I/O error behind ``e``: torch's zip writer turns an exception raised in the middle of a
+    write (Ctrl-C, ENOSPC) into ``RuntimeError: [enforce fail at inline_container.cc] unexpected pos``, with the
+    real one only as its context."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    found = None
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, KeyboardInterrupt):
+            return cur
+        if found is None and isinstance(cur, OSError):
+            found = cur
+        cur = cur.__cause__ or cur.__context__
+    return found
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable (POSIX); not possible, nor needed, everywhere."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
-    """``torch.save(obj, path)`` through a temporary file in the same folder and a rename."""
+    """``torch.save(obj, path)`` through a temporary file in the same folder, fsync and a rename.
+
+    On any failure the temporary file is removed and ``path`` is as it was. An interrupt (``KeyboardInterrupt``) or
+    an ``OSError`` in the middle of torch's writer is re-raised as itself, not as torch's ``RuntimeError``.
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        keep: int | None = stat.S_IMODE(path.stat().st_mode)  # replacing a file: keep its permissions, as open() would
+    except FileNotFoundError:
+        keep = None  # a new file: 0666 less the umask, as open() would
+    while True:
+        tmp = temp_path(path)
+        try:
+            fd = _create(tmp, 0o666 if keep is None else keep)
+            break
+        except FileExistsError:  # 2^-32 per try
+            continue
+    try:
+        if keep is not None and hasattr(os, "fchmod"):
+            os.fchmod(fd, keep)  # the umask must not narrow the permissions of a file being replaced
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        cause = _cause(e)
+        if cause is not None and cause is not e:
+            raise cause from None
         raise
+    _fsync_dir(path.parent)
     return path
 
 
+# ----------------------------------------------------------------------------------------------------- random state
+
+
 def capture_rng() -> dict[str, Any]:
-    """The random state a training run consumes: torch's CPU and CUDA generators and Python's ``random`` (timm's
-    transforms draw from it). Python's state is stored as a tensor so the checkpoint stays ``weights_only``."""
+    """The random state a training run consumes: torch's CPU and CUDA generators, Python's ``random`` (timm's
+    transforms draw from it) and NumPy's global generator. Python's and NumPy's states are stored as tensors so the
+    checkpoint stays ``weights_only``."""
     version, internal, gauss = random.getstate()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
     }
+    np = _numpy()
+    if np is not None:
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = {
+            "kind": str(kind),
+            "keys": torch.from_numpy(keys.astype("int64")),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -70,9 +203,41 @@ def restore_rng(state: Mapping[str, Any]) -> None:
     py = state.get("python")
     if py is not None:
         random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
+    npst, np = state.get("numpy"), _numpy()
+    if npst is not None and np is not None:
+        keys = npst["keys"].numpy().astype("uint32")
+        np.random.set_state((npst["kind"], keys, npst["pos"], npst["has_gauss"], npst["cached_gaussian"]))
     cuda = state.get("cuda")
     if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
+
+
+@contextlib.contextmanager
+def seeded(seed: int, devices: Sequence[torch.device] = ()) -> Iterator[None]:
+    """Seed torch (CPU and ``devices``), Python's ``random`` and NumPy with ``seed`` for the block, and give the
+    caller's states back after it: two runs with the same seed draw the same numbers, whatever ran before."""
+    np = _numpy()
+    py_state = random.getstate()
+    np_state = np.random.get_state() if np is not None else None
+    with torch.random.fork_rng(devices=[dev for dev in devices if dev.type == "cuda"]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        if np is not None:
+            np.random.seed(seed % 2**32)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            if np is not None:
+                np.random.set_state(np_state)
+
+
+def _numpy():
+    try:
+        import numpy
+    except ImportError:  # torch runs without NumPy; nothing of ours then draws from it
+        return None
+    return numpy
 
 
 def state_digest(state_dict: Mapping[str, torch.Tensor]) -> str:

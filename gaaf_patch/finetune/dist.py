@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..errors import one_line
 from .checkpoint import state_digest
 from .options import FinetuneError
 
@@ -40,17 +39,33 @@ class Dist:
         return self.rank == 0
 
 
+DEVICE_HINT = "use auto, cpu, cuda or cuda:N"
+
+
 def _device(requested: str, local_rank: int) -> torch.device:
+    """The device ``--device`` names, checked to exist here (a name torch does not know, or a device this machine
+    lacks, is one line saying what to use instead)."""
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda":
-        if not torch.cuda.is_available():
-            raise FinetuneError("--device cuda: no CUDA device is visible")
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
     try:
-        return torch.device(requested)
-    except RuntimeError as e:  # torch's "Expected one of cpu, cuda, ... device type at start of device string"
-        raise FinetuneError(f"--device {requested}: {one_line(e, 200)}") from None
+        dev = torch.device(requested)
+    except RuntimeError:  # torch's "Expected one of cpu, cuda, ... device type at start of device string"
+        raise FinetuneError(f"--device {requested}: not a device name; {DEVICE_HINT}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise FinetuneError(f"--device {requested}: no CUDA device is visible; use --device cpu")
+        count = torch.cuda.device_count()
+        if dev.index is None:
+            return torch.device("cuda", local_rank % count)
+        if dev.index >= count:
+            raise FinetuneError(f"--device {requested}: there are {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+        return dev
+    if dev.type != "cpu":
+        backend = getattr(torch, dev.type, None)
+        available = getattr(backend, "is_available", None)
+        if not (callable(available) and available()):
+            raise FinetuneError(f"--device {requested}: not available on this machine; {DEVICE_HINT}")
+    return dev
 
 
 def setup(device: str = "auto") -> Dist:

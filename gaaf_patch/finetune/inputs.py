@@ -19,10 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import one_line
 from ..models import default_input_size
+from .loop import logits_of
 from .options import FinetuneError
 
-__all__ = ["InputAdapter", "model_input_size", "normalization"]
+__all__ = ["InputAdapter", "model_input_size", "normalization", "output_width"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -44,6 +46,34 @@ def model_input_size(model: nn.Module, override: Sequence[int] | None = None) ->
     if len(size) == 3 and channels is not None and channels != size[0]:
         size = (channels, *size[1:])
     return size
+
+
+def output_width(model: nn.Module, input_size: Sequence[int]) -> int:
+    """The last dimension of the model's eval-mode output on two zero samples of ``input_size``.
+
+    Run before any training, so that an input the model does not take (``--input-size 1,32,32`` for an RGB model)
+    is one line saying so, not an error from inside the first training step.
+    """
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return int(logits_of(model(torch.zeros(2, *input_size))).shape[-1])
+    except FinetuneError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the model's own error, reported as a usage problem
+        size = ",".join(map(str, input_size))
+        channels = _first_conv_channels(model)
+        hint = (
+            f"its first convolution takes {channels} channels, so pass --input-size {channels},H,W"
+            if channels is not None and len(input_size) == 3 and channels != input_size[0]
+            else "pass the --input-size the model takes (C,H,W, or D for flat inputs)"
+        )
+        raise FinetuneError(
+            f"{type(model).__name__} does not take input {size}: {type(e).__name__}: {one_line(e, 200)}; {hint}"
+        ) from None
+    finally:
+        model.train(was)
 
 
 def normalization(model: nn.Module, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]] | None:

@@ -1,12 +1,14 @@
 """One training epoch and one evaluation pass, with a rich progress bar (loss, accuracy, images per second).
 
 Both return :class:`Totals` summed over every process, so the numbers printed and stored in the checkpoint are the
-whole data set's, not rank 0's share of it.
+whole data set's, not rank 0's share of it. A training loss that is not finite stops the epoch with
+:class:`NonFiniteLoss`: the weights have diverged and must not be saved over the last good checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -19,7 +21,20 @@ from torch import Tensor, nn
 from .dist import Dist, all_sum
 from .options import FinetuneError
 
-__all__ = ["Totals", "Precision", "train_epoch", "evaluate", "progress_bar", "logits_of"]
+__all__ = ["Totals", "Precision", "NonFiniteLoss", "train_epoch", "evaluate", "progress_bar", "logits_of"]
+
+
+class NonFiniteLoss(FinetuneError):
+    """The training loss became NaN or infinite: the run diverged (a learning rate too high, bad data).
+
+    Checked where the loop reads the loss anyway (a few times a second; reading it every step would synchronise the
+    GPU every step) and on the epoch's total, which every process of a DistributedDataParallel job holds alike, so
+    all of them stop together. ``step`` is the step at which it was seen, not necessarily the first bad one.
+    """
+
+    def __init__(self, value: float, step: int, steps: int, description: str) -> None:
+        super().__init__(f"the training loss is {value} at step {step} of {steps} in {description}")
+        self.value, self.step, self.steps, self.description = value, step, steps, description
 
 
 @dataclass
@@ -128,10 +143,11 @@ def train_epoch(
     # running sums stay on the device: reading them every step would synchronise the GPU every step
     loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
     correct = torch.zeros((), dtype=torch.int64, device=d.device)
-    count, shown = 0, 0.0
+    count, shown, step = 0, 0.0, 0
     _sync(d.device)
     start = time.perf_counter()
     for images, labels in batches:
+        step += 1
         images = prepare(images.to(d.device, non_blocking=True))
         labels = labels.to(d.device, non_blocking=True)
         with precision.autocast():
@@ -154,16 +170,20 @@ def train_epoch(
         now = time.perf_counter()
         if now - shown > 0.2 or count == n:  # the fields cost a device sync: a few times a second is enough
             shown = now
-            progress.update(
-                task, advance=1, loss=loss_sum.item() / count, acc=correct.item() / count, ips=count / (now - start)
-            )
+            running = loss_sum.item() / count
+            if not d.enabled and not math.isfinite(running):  # under DDP: at the epoch's end, on every rank at once
+                raise NonFiniteLoss(running, step, n_batches, description)
+            progress.update(task, advance=1, loss=running, acc=correct.item() / count, ips=count / (now - start))
         else:
             progress.advance(task)
     _sync(d.device)
     seconds = time.perf_counter() - start
     totals = Totals(loss_sum.item(), float(correct.item()), float(count), seconds)
     progress.update(task, loss=totals.loss, acc=totals.acc, ips=totals.images_per_second)
-    return totals.reduced(d)
+    totals = totals.reduced(d)
+    if not math.isfinite(totals.loss_sum):
+        raise NonFiniteLoss(totals.loss, step, n_batches, description)
+    return totals
 
 
 @torch.no_grad()

@@ -21,6 +21,7 @@ unchanged. Inductor still compiles the GAAF backward (Dynamo traces the ``autogr
 
 from __future__ import annotations
 
+import signal
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -29,24 +30,22 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
 
-from .. import data as _data
 from ..api import patch as _patch
 from ..errors import one_line
 from ..models import CheckpointError, build_model, load_state_dict_strict, read_checkpoint
 from ..report import report
-from . import dist
-from .checkpoint import atomic_save, capture_rng, restore_rng
+from . import dist, resume
+from .checkpoint import atomic_save, capture_rng, remove_stray_temps, restore_rng, seeded
 from .deploy import deploy_check
 from .head import HeadError, checkpoint_classes, num_outputs, replace_classifier
-from .inputs import InputAdapter, model_input_size, normalization
-from .loop import Precision, Totals, evaluate, logits_of, progress_bar, train_epoch
-from .options import AMP_CHOICES, EMBEDDED_DATA, SCHEDULES, FinetuneError, FinetuneOptions, check_options
+from .inputs import model_input_size, output_width
+from .interrupt import Interrupted, Terminated, raise_if_received, received
+from .loaders import datasets, loaders
+from .loop import NonFiniteLoss, Precision, Totals, evaluate, progress_bar, train_epoch
+from .options import AMP_CHOICES, EMBEDDED_DATA, FinetuneError, FinetuneOptions, check_options
 
 __all__ = ["FinetuneOptions", "FinetuneResult", "FinetuneError", "finetune", "EMBEDDED_DATA"]
-
-DIGITS_HOLDOUT = 0.2
 
 
 @dataclass
@@ -100,80 +99,13 @@ def _load_model(opts: FinetuneOptions) -> tuple[nn.Module, Any, bool]:
 
 def _classes(model: nn.Module, input_size: tuple[int, ...]) -> int:
     """How many classes the model scores: its classifier's outputs, else the width of one eval-mode forward (a
-    user's model with no recognisable classifier, trained with the classes it has)."""
+    user's model with no recognisable classifier, trained with the classes it has). The forward runs either way: it
+    checks that the model takes ``input_size``."""
+    width = output_width(model, input_size)
     try:
         return num_outputs(model)
     except HeadError:
-        was = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                return int(logits_of(model(torch.zeros(2, *input_size))).shape[-1])
-        except Exception as e:  # noqa: BLE001 - the model's own error, reported as a usage problem
-            raise FinetuneError(
-                f"cannot tell how many classes {type(model).__name__} scores on input {list(input_size)}: "
-                f"{type(e).__name__}: {one_line(e, 200)}; set --input-size"
-            ) from None
-        finally:
-            model.train(was)
-
-
-# -------------------------------------------------------------------------------------------------------------- data
-
-
-@dataclass
-class _Data:
-    train: Any
-    val: Any
-    num_classes: int
-    prepare: InputAdapter
-    name: str
-
-
-def _datasets(opts: FinetuneOptions, model: nn.Module, input_size: tuple[int, ...]) -> _Data:
-    if opts.data in EMBEDDED_DATA:
-        if opts.data == "digits":
-            train, val = _data.holdout(_data.digits(), DIGITS_HOLDOUT)
-            name = f"digits ({len(train)} train / {len(val)} held out)"
-        else:
-            train = _data.mnist(opts.data_dir, train=True, download=opts.download)
-            val = _data.mnist(opts.data_dir, train=False, download=opts.download)
-            name = f"MNIST ({len(train)} train / {len(val)} test)"
-        channels = input_size[0] if len(input_size) == 3 else 1
-        prepare = InputAdapter(input_size, normalization(model, channels) if len(input_size) == 3 else None)
-        n = max(train.num_classes, val.num_classes)
-        return _Data(_data.SplitDataset(train), _data.SplitDataset(val), n, prepare, name)
-    root = Path(opts.data).expanduser()
-    if not root.is_dir():
-        raise _data.DataError(f"--data {opts.data}: no such folder (or use one of {', '.join(EMBEDDED_DATA)})")
-    if len(input_size) != 3:
-        raise FinetuneError(f"an image folder needs an image model; --input-size is {','.join(map(str, input_size))}")
-    from timm.data import create_transform, resolve_data_config
-
-    cfg = resolve_data_config({"input_size": (3, *input_size[1:])}, model=model)
-    train, val, classes = _data.image_folders(
-        root, create_transform(**cfg, is_training=True), create_transform(**cfg, is_training=False)
-    )
-    return _Data(train, val, len(classes), InputAdapter(input_size), f"{root} ({len(train)} train / {len(val)} val)")
-
-
-def _loaders(opts: FinetuneOptions, ds: _Data, d: dist.Dist) -> tuple[DataLoader, DistributedSampler, DataLoader]:
-    """Shuffled, rank-sharded training batches (the sampler is seeded: the order depends on seed and epoch only, so
-    a resumed run sees the batches the uninterrupted one would), and an unpadded shard of the held-out set."""
-    sampler = DistributedSampler(ds.train, num_replicas=d.world_size, rank=d.rank, shuffle=True, seed=opts.seed)
-    tensors = isinstance(ds.train, _data.SplitDataset)
-    kw: dict[str, Any] = {"pin_memory": d.device.type == "cuda"}
-    if tensors:
-        kw["collate_fn"] = _data.SplitDataset.collate
-    else:
-        kw["num_workers"] = opts.workers
-        kw["persistent_workers"] = opts.workers > 0
-    # a last batch of one sample breaks BatchNorm in training mode; drop the remainder when there is more than it
-    drop_last = len(sampler) > opts.batch_size
-    train = DataLoader(ds.train, batch_size=opts.batch_size, sampler=sampler, drop_last=drop_last, **kw)
-    val_indices = list(range(d.rank, len(ds.val), d.world_size))
-    val = DataLoader(ds.val, batch_size=opts.batch_size, sampler=val_indices, **kw)
-    return train, sampler, val
+        return width
 
 
 # ---------------------------------------------------------------------------------------------------- training parts
@@ -202,14 +134,6 @@ def _optimizer(opts: FinetuneOptions, model: nn.Module) -> torch.optim.Optimizer
         raise FinetuneError(f"--opt {opts.opt}: {one_line(e)} (e.g. sgd, adamw, lamb)") from None
 
 
-def _scheduler(opts: FinetuneOptions, optimizer: torch.optim.Optimizer, steps: int):
-    if opts.sched not in SCHEDULES:
-        raise FinetuneError(f"--sched {opts.sched}: use one of {', '.join(SCHEDULES)}")
-    if opts.sched == "constant":
-        return None
-    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, opts.epochs * steps))
-
-
 # --------------------------------------------------------------------------------------------------------------- run
 
 
@@ -217,26 +141,48 @@ def finetune(opts: FinetuneOptions, console: Any = None) -> FinetuneResult:
     """Run the fine-tuning ``opts`` describes (see the module docstring for the order of the steps).
 
     Under ``torchrun`` every process calls this; only the first prints and writes the checkpoint. The caller's
-    random state is left as it was: the run seeds a forked generator from ``opts.seed``.
+    random state is left as it was: the run seeds forked generators from ``opts.seed``. Ctrl-C (or SIGTERM under
+    :func:`.interrupt.handle_interrupts`) raises :class:`.interrupt.Interrupted`, naming the last checkpoint.
     """
     check_options(opts)
     if console is None:
         from rich.console import Console
 
         console = Console(highlight=False)
+    saved = _Saved(Path(opts.resume) if opts.resume else None, 0, opts.epochs)
     d = dist.setup(opts.device)
     try:
-        devices = [d.device] if d.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(opts.seed)
-            return _run(opts, d, console)
-    except OSError as e:  # an image that cannot be read, a full disk: the environment's, not a bug
-        raise FinetuneError(
-            f"input/output error: {type(e).__name__}: {one_line(e, 300)}; check that the files --data and "
-            "--data-dir name are readable and that there is free space"
-        ) from e
+        with seeded(opts.seed, [d.device]):
+            return _run(opts, d, console, saved)
+    except KeyboardInterrupt as e:
+        signum = received() or (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
+        raise Interrupted(signum, saved.path, saved.epoch, opts.epochs) from None
+    except Exception as e:
+        signum = received()
+        if signum is not None:  # the interrupt's exception was dropped (raised in a __del__); this followed it
+            raise Interrupted(signum, saved.path, saved.epoch, opts.epochs) from None
+        if isinstance(e, OSError):  # an image that cannot be read, a full disk: the environment's, not a bug
+            raise FinetuneError(
+                f"input/output error: {type(e).__name__}: {one_line(e, 300)}; check that the files --data and "
+                "--data-dir name are readable and that there is free space"
+            ) from e
+        raise
     finally:
         dist.teardown(d)
+
+
+@dataclass
+class _Saved:
+    """The last good checkpoint a run can be resumed from: the ``--resume`` file until this run writes its own."""
+
+    path: Path | None
+    epoch: int
+    epochs: int
+
+    def where(self) -> str:
+        if self.path is None:
+            return "no checkpoint was written"
+        return f"the last good checkpoint {self.path} (epoch {self.epoch}) is unchanged"
 
 
 def _say(d: dist.Dist, console: Any, text: str) -> None:
@@ -244,10 +190,17 @@ def _say(d: dist.Dist, console: Any, text: str) -> None:
         console.print(text, soft_wrap=True, markup=False)
 
 
-def _run(opts: FinetuneOptions, d: dist.Dist, console: Any) -> FinetuneResult:
+def _run(opts: FinetuneOptions, d: dist.Dist, console: Any, saved: _Saved) -> FinetuneResult:
     model, ckpt, replaced = _load_model(opts)
     input_size = model_input_size(model, opts.input_size)
-    ds = _datasets(opts, model, input_size)
+    if opts.resume and ckpt is not None:
+        resume.check_resumable(opts, ckpt.extra, input_size)
+        saved.epoch = int(ckpt.extra["epoch"])
+    out = opts.out_path
+    if d.is_main:
+        for p in remove_stray_temps(out):
+            _say(d, console, f"removed {p}, the temporary file of a checkpoint write that was killed")
+    ds = datasets(opts, model, input_size)
     classes = _classes(model, input_size)
     if classes < ds.num_classes:
         raise FinetuneError(
@@ -274,28 +227,24 @@ def _run(opts: FinetuneOptions, d: dist.Dist, console: Any) -> FinetuneResult:
         _say(d, console, f"note: the resumed run was patched with {ckpt.extra.get('gaaf_config')}; now {gaaf_config}")
 
     model.to(d.device)
-    train_loader, sampler, val_loader = _loaders(opts, ds, d)
-    if len(train_loader) == 0:
+    batches = loaders(opts, ds, d)
+    steps = len(batches.train)
+    if steps == 0:
         raise FinetuneError(f"no training batch: {ds.name} is too small for {d.world_size} process(es)")
     optimizer = _optimizer(opts, model)
-    scheduler = _scheduler(opts, optimizer, len(train_loader))
     precision = _precision(opts.amp, d.device)
     scaler = precision.scaler()
 
     start_epoch, history = 0, []
     if opts.resume and ckpt is not None:
-        extra = ckpt.extra
-        missing = [k for k in ("optimizer", "epoch", "rng") if k not in extra]
-        if missing:
-            raise CheckpointError(f"--resume {opts.resume}: not a fine-tuning checkpoint (no {', '.join(missing)})")
-        optimizer.load_state_dict(extra["optimizer"])
-        if scheduler is not None and extra.get("scheduler"):
-            scheduler.load_state_dict(extra["scheduler"])
-        if scaler is not None and extra.get("scaler"):
-            scaler.load_state_dict(extra["scaler"])
-        start_epoch, history = int(extra["epoch"]), list(extra.get("history") or [])
-        restore_rng(extra["rng"])
-        _say(d, console, f"resumed after epoch {start_epoch} of {opts.epochs}")
+        start_epoch, history, scheduler, rebuilt = resume.restore_training(opts, ckpt.extra, optimizer, scaler, steps)
+        restore_rng(ckpt.extra["rng"])
+        lr = optimizer.param_groups[0]["lr"]
+        _say(d, console, f"resumed after epoch {start_epoch} of {opts.epochs}"
+             + (f"; schedule rebuilt for --lr {opts.lr:g} and --epochs {opts.epochs} (lr now {lr:.3g})" if rebuilt
+                else ""))  # fmt: skip
+    else:
+        scheduler = resume.make_scheduler(opts, optimizer, steps)
 
     train_model: nn.Module = model
     if d.enabled:
@@ -305,16 +254,22 @@ def _run(opts: FinetuneOptions, d: dist.Dist, console: Any) -> FinetuneResult:
         train_model = torch.compile(train_model)
 
     deploy, digests = None, []
-    out = opts.out_path
     for epoch in range(start_epoch, opts.epochs):
-        sampler.set_epoch(epoch)
-        with progress_bar(console, d.is_main) as bar:
-            tr = train_epoch(
-                train_model, train_loader, len(train_loader), ds.prepare, optimizer, precision, scaler, d, bar,
-                f"epoch {epoch + 1}/{opts.epochs}", scheduler,
-            )  # fmt: skip
+        raise_if_received()  # an interrupt whose exception Python dropped still ends the run
+        batches.set_epoch(epoch)
+        try:
+            with progress_bar(console, d.is_main) as bar:
+                tr = train_epoch(
+                    train_model, batches.train, steps, ds.prepare, optimizer, precision, scaler, d, bar,
+                    f"epoch {epoch + 1}/{opts.epochs}", scheduler,
+                )  # fmt: skip
+        except NonFiniteLoss as e:
+            raise FinetuneError(
+                f"training diverged: {e}; nothing of this epoch was saved and {saved.where()}; lower --lr "
+                f"(now {opts.lr:g}) or check the data and the patch options"
+            ) from None
         dist.sync_buffers(d, model)
-        ev = evaluate(model, val_loader, ds.prepare, precision, d)
+        ev = evaluate(model, batches.val, ds.prepare, precision, d)
         row = _row(epoch + 1, tr, ev, optimizer)
         history.append(row)
         _say(d, console, f"epoch {epoch + 1}/{opts.epochs}: train loss {tr.loss:.4f} acc {tr.acc:.2%} "
@@ -326,7 +281,7 @@ def _run(opts: FinetuneOptions, d: dist.Dist, console: Any) -> FinetuneResult:
         last = epoch + 1 == opts.epochs
         if last and d.is_main:
             with torch.random.fork_rng(devices=[d.device] if d.device.type == "cuda" else []):  # not the run's RNG
-                batch = ds.prepare(next(iter(val_loader))[0].to(d.device))
+                batch = ds.prepare(next(iter(batches.val))[0].to(d.device))
                 deploy = deploy_check(opts, model, classes if replaced else None, batch, precision)
         if d.is_main:
             state = {
@@ -335,18 +290,21 @@ def _run(opts: FinetuneOptions, d: dist.Dist, console: Any) -> FinetuneResult:
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "epoch": epoch + 1,
+                "steps_per_epoch": steps,
                 "rng": capture_rng(),
                 "gaaf_config": gaaf_config,
                 "model": opts.model,
                 "num_classes": classes,
                 "input_size": list(input_size),
+                "data_source": resume.data_source(opts),
                 "args": opts.to_dict(),
                 "history": history,
                 "replicas": {"world_size": d.world_size, "digests": digests},
                 "deploy_check": deploy,
                 "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }
-            _save(state, out)
+            _save(state, out, saved)
+        saved.path, saved.epoch = out, epoch + 1
     if start_epoch >= opts.epochs:
         _say(d, console, f"nothing to do: the resumed run already completed {start_epoch} epoch(s) of {opts.epochs}")
         out = None
@@ -356,12 +314,12 @@ def _run(opts: FinetuneOptions, d: dist.Dist, console: Any) -> FinetuneResult:
     )  # fmt: skip
 
 
-def _save(state: dict[str, Any], out: Path) -> None:
+def _save(state: dict[str, Any], out: Path, saved: _Saved) -> None:
     try:
         atomic_save(state, out)
     except (OSError, RuntimeError) as e:  # torch.save reports some write failures as RuntimeError
         raise FinetuneError(
-            f"cannot write the checkpoint {out}: {one_line(e)}; free space or choose another --out"
+            f"cannot write the checkpoint {out}: {one_line(e)}; {saved.where()}; free space or choose another --out"
         ) from e
 
 
