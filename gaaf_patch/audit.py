@@ -34,6 +34,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .errors import GaafError, one_line
 from .models import output_tensors
 from .modules import GAAF
+from .passes.targets import LAYERDROP_ATTRS
 
 __all__ = ["Audit", "Finding", "audit", "ACTIVATION_FORWARD", "ACTIVATION_BACKWARD"]
 
@@ -172,11 +173,13 @@ class _Recorder(TorchDispatchMode):
             self.in_gaaf += 1
             self.gaaf_calls += 1
 
-    def _post(self, module: nn.Module, args: Any, out: Any) -> None:
+    def _post(self, module: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
         if not self.stack or self.stack[-1] is not module:
             return
         self.stack.pop()
-        boundary = self.inputs.pop()
+        # Keyword inputs bound the walk too (a global pre-hook sees positional ones only): Hugging Face passes
+        # reference points, masks and embeddings by keyword, and a walk past them tagged the caller's nodes.
+        boundary = self.inputs.pop() | {t.grad_fn for t in _tensors(kwargs) if t.grad_fn is not None}
         if isinstance(module, GAAF):
             self.in_gaaf -= 1
         name = self.names.get(id(module))
@@ -199,7 +202,7 @@ class _Recorder(TorchDispatchMode):
 
         self._hooks = [
             register_module_forward_pre_hook(self._pre),
-            register_module_forward_hook(self._post, always_call=True),
+            register_module_forward_hook(self._post, with_kwargs=True, always_call=True),
         ]
         return super().__enter__()
 
@@ -256,6 +259,10 @@ def _explain(module: str, kind: str, rep: Any, modules: set[str]) -> str | None:
             return entry.get("reason", "kept")
     if kind == "random" and rep.config is not None and not rep.config.get("strip_dropout", False):
         return "dropout kept (strip_dropout=False)"
+    if kind == "random":  # OmniASR draws torch.rand([]) per layer whatever its LayerDrop: zeroed, it decides nothing
+        for entry in rep.stripped:
+            if entry.get("form") == "attribute" and entry.get("target") in LAYERDROP_ATTRS and covers(entry):
+                return f"LayerDrop zeroed (p {entry.get('p')} -> 0): the draw decides nothing"
     return None
 
 

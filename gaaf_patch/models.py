@@ -1,10 +1,12 @@
 """Building a model from a command-line spelling and loading a checkpoint into it, for the CLI's subcommands.
 
-Three spellings, always randomly initialised (this never downloads anything: a patch is checked on the
-architecture, and trained weights come from ``--checkpoint``):
+Four spellings, randomly initialised unless they name saved weights (this never downloads anything: a patch is
+checked on the architecture, and trained weights come from ``--checkpoint`` or a local directory):
 
 - ``resnet50``: a timm model (``timm.create_model(name, pretrained=False)``);
 - ``tv:resnet18``: a torchvision model (``torchvision.models.get_model(name, weights=None)``);
+- ``hf:bert``: a Hugging Face transformers base model from its shrunk default config (``config`` overrides fields),
+  or ``hf:path/to/dir`` saved with ``save_pretrained`` (:mod:`gaaf_patch.hf`);
 - ``path/to/file.py:factory``: ``factory()`` from a Python file, for models that are in neither library.
 
 Errors are :class:`ModelSpecError` / :class:`CheckpointError` (both ``ValueError``) with a one-line message, so a
@@ -26,6 +28,7 @@ import torch
 from torch import nn
 
 from .errors import GaafError, one_line
+from .hf import HF_PREFIX
 
 __all__ = [
     "ModelSpecError",
@@ -56,15 +59,25 @@ class CheckpointError(GaafError, ValueError):
     """A checkpoint that cannot be read, or whose keys or shapes do not fit the model."""
 
 
-def build_model(spec: str, num_classes: int | None = None, input_size: tuple[int, ...] | None = None) -> nn.Module:
+def build_model(
+    spec: str,
+    num_classes: int | None = None,
+    input_size: tuple[int, ...] | None = None,
+    config: Mapping[str, Any] | None = None,
+) -> nn.Module:
     """The model ``spec`` names, randomly initialised, with ``num_classes`` outputs when given.
 
     ``input_size`` (``C, H, W``) is passed on as ``img_size`` to the timm models that are built for one input size
     (ViTs and the like, ``fixed_input_size`` in their config), so that a smaller test input still fits them.
+    ``config``: Hugging Face config fields to set (``hf:`` models only).
     """
     spec = spec.strip()
     if not spec:
         raise ModelSpecError("empty model name")
+    if spec.startswith(HF_PREFIX):
+        return _hf_model(spec[len(HF_PREFIX) :], num_classes, config)
+    if config:
+        raise ModelSpecError(f"--config sets fields of a Hugging Face config: only for hf:MODEL, not {spec!r}")
     if spec.startswith(TORCHVISION_PREFIX):
         return _torchvision_model(spec[len(TORCHVISION_PREFIX) :], num_classes, input_size)
     path, sep, factory = spec.rpartition(":")
@@ -73,6 +86,19 @@ def build_model(spec: str, num_classes: int | None = None, input_size: tuple[int
     if spec.endswith(".py"):
         raise ModelSpecError(f"name the function that builds the model: {spec}:FACTORY")
     return _timm_model(spec, num_classes, input_size)
+
+
+def _hf_model(name: str, num_classes: int | None, config: Mapping[str, Any] | None) -> nn.Module:
+    from .hf import build
+
+    if not name.strip():
+        raise ModelSpecError("hf: names a transformers model type (hf:bert) or a save_pretrained directory")
+    if num_classes is not None:
+        raise ModelSpecError(
+            "--num-classes: hf: builds a base model (no classifier head); save a model with its head with "
+            "save_pretrained and patch hf:DIR"
+        )
+    return build(name.strip(), dict(config or {}))
 
 
 def _suggest(name: str, candidates: list[str]) -> str:
@@ -92,7 +118,8 @@ def _timm_model(name: str, num_classes: int | None, input_size: tuple[int, ...] 
 
     if ":" in name:  # hf-hub:..., local-dir:... fetch a config (and possibly weights) from elsewhere
         raise ModelSpecError(
-            f"model {name!r}: only plain timm names, tv:NAME and FILE.py:FACTORY are supported (nothing is downloaded)"
+            f"model {name!r}: only plain timm names, tv:NAME, hf:MODEL and FILE.py:FACTORY are supported "
+            "(nothing is downloaded)"
         )
     if not timm.is_model(name):
         raise ModelSpecError(f"unknown model {name!r}{_suggest(name, _all_names())}")

@@ -128,3 +128,50 @@ def test_gate_reported_as_skipped_is_explained():
 def test_audit_rejects_a_non_module():
     with pytest.raises(gaaf.GaafError, match="nn.Module"):
         audit(42, torch.randn(2))
+
+
+class _Scale(nn.Module):
+    def forward(self, x, *, ref):
+        return x * ref
+
+
+class KeywordInput(nn.Module):
+    """The parent's own tanh reaches a child by keyword (Hugging Face passes reference points and masks so)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.child = _Scale()
+
+    def forward(self, x):
+        return self.child(x, ref=torch.tanh(x))
+
+
+def test_an_op_whose_output_a_child_takes_by_keyword_stays_the_parents():
+    """Regression: the walk that tags a module's autograd nodes stopped at its positional inputs only, so the
+    parent's tanh backward was put on the child (deformable_detr: a reported gate in the root's code turned into a
+    silent finding in decoder.layers.0.encoder_attn)."""
+    a = audit(KeywordInput(), torch.randn(2, 3))
+    assert sorted((f.module, f.op) for f in a.findings) == [("", "aten.tanh"), ("", "aten.tanh_backward")]
+
+
+class AlwaysDraws(nn.Module):
+    """OmniASR's LayerDrop: a draw per layer whatever the probability; the layer is skipped when it falls below.
+    (``**kwargs``, as Hugging Face's forwards: the code runs as it is, in a run-time scope.)"""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.layerdrop = 0.5
+
+    def forward(self, x, **kwargs):
+        skip = self.training and torch.rand([]) < self.layerdrop
+        return x if skip else torch.tanh(self.fc(x))
+
+
+def test_a_draw_against_a_zeroed_layerdrop_is_explained_by_the_report():
+    x = torch.randn(2, 4)
+    assert [(f.op, f.explained) for f in audit(AlwaysDraws(), x).randoms()] == [("aten.rand", None)]
+    model = gaaf.patch(AlwaysDraws(), strip_dropout=True)
+    assert model.layerdrop == 0.0
+    (draw,) = audit(model, x).randoms()
+    assert draw.op == "aten.rand" and draw.explained == "LayerDrop zeroed (p 0.5 -> 0): the draw decides nothing"

@@ -91,7 +91,11 @@ def _shape_override(text: str) -> tuple[str, str]:
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """MODEL, --checkpoint, --num-classes: every subcommand that builds a model takes these."""
-    p.add_argument("model", metavar="MODEL", help="timm name (resnet50), tv:NAME (torchvision) or FILE.py:FACTORY")
+    p.add_argument(
+        "model", metavar="MODEL",
+        help="timm name (resnet50), tv:NAME (torchvision), hf:TYPE (a transformers model type, shrunk config, e.g. "
+        "hf:bert), hf:DIR (a save_pretrained directory) or FILE.py:FACTORY",
+    )  # fmt: skip
     p.add_argument("--checkpoint", metavar="PATH", help="weights to load (strictly) before patching")
     p.add_argument("--num-classes", type=positive_int, metavar="N", help="classifier outputs (default: the model's)")
 

@@ -1,6 +1,7 @@
 """``gaaf-patch patch MODEL`` (the default subcommand): build, patch (or calibrate), check, report, save.
 
-The check (:func:`gaaf_patch.verify.verify`) runs on one seeded random batch; a patch that fails it is not saved and
+The check (:func:`gaaf_patch.verify.verify`) runs on one seeded random batch (a Hugging Face model, ``hf:``: on
+:func:`gaaf_patch.hf.runnable_inputs`, its token ids, images or waveforms); a patch that fails it is not saved and
 the command exits with 1. The gradient-scale line is a warning, never a failure.
 """
 
@@ -22,9 +23,10 @@ from torch import nn
 from ..api import patch
 from ..errors import one_line
 from ..gradscale import GradientScale, measure_gradient_scale
+from ..hf import HF_PREFIX, parse_overrides, runnable_inputs
 from ..models import build_model, default_input_size, load_checkpoint
 from ..report import report
-from ..verify import SEED, verify
+from ..verify import SEED, Example, verify
 from . import render
 from .common import (
     Subparsers,
@@ -49,6 +51,11 @@ def add_parser(sub: Subparsers) -> None:
     c = p.add_argument_group("check")
     c.add_argument("--input-size", type=input_size, metavar="C,H,W", help="per-sample input (default: the model's)")
     c.add_argument("--batch-size", type=positive_int, default=2, help="random batch size (default 2)")
+    h = p.add_argument_group("Hugging Face (hf:TYPE, hf:DIR; checked on token ids, images or audio from the config)")
+    h.add_argument(
+        "--config", dest="hf_config", action="append", default=[], metavar="KEY=VALUE",
+        help="set a config field after shrinking (hf:TYPE) or loading (hf:DIR), repeatable: --config num_hidden_layers=4",
+    )  # fmt: skip
     g = p.add_argument_group("calibrate (with --strip-dropout: shapes derived from the dropout each site loses)")
     g.add_argument("--calibrate", metavar="DATA", help="digits, mnist (see --data-dir) or a .pt file of inputs")
     g.add_argument("--data-dir", metavar="DIR", help="where MNIST lives (default: $GAAF_DATA_DIR)")
@@ -61,21 +68,39 @@ def add_parser(sub: Subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def _check_hf_options(args: argparse.Namespace) -> bool:
+    """Whether the model is a Hugging Face one; options that do not apply to it (or only to it) are usage errors."""
+    hf = args.model.strip().startswith(HF_PREFIX)
+    if args.hf_config and not hf:
+        raise UsageError(f"--config sets fields of a Hugging Face config: only for hf:MODEL, not {args.model!r}")
+    if hf and args.input_size:
+        raise UsageError("--input-size: hf: models are checked on inputs sized from their config (token ids, images)")
+    if hf and args.calibrate:
+        raise UsageError("--calibrate feeds image batches; it does not apply to hf: models")
+    return hf
+
+
 def run(args: argparse.Namespace) -> int:
     if args.out:
         require_directory(args.out, "--out")
     if args.input_size:  # before the model is built: torchvision's ViTs size their position embedding by it
         check_batch_bytes((args.batch_size, *args.input_size))
+    hf = _check_hf_options(args)
+    overrides = parse_overrides(args.hf_config)
     with torch.random.fork_rng(devices=[]):  # a seeded init makes runs comparable, without touching the caller's RNG
         torch.manual_seed(SEED)
-        model = build_model(args.model, args.num_classes, args.input_size)
+        model = build_model(args.model, args.num_classes, args.input_size, overrides)
     checkpoint = None
     if args.checkpoint:
         ckpt = load_checkpoint(model, args.checkpoint)
         checkpoint = {"path": args.checkpoint, "key": ckpt.key, "gaaf_config": ckpt.gaaf_config}
-    input_shape = (args.batch_size, *(args.input_size or default_input_size(model)))
-    check_batch_bytes(input_shape)
     original = copy.deepcopy(model)
+    if hf:
+        inputs: Example | tuple[int, ...] = Example(kwargs=runnable_inputs(model, batch=args.batch_size))
+        input_shape = inputs.shape
+    else:
+        inputs = input_shape = (args.batch_size, *(args.input_size or default_input_size(model)))
+        check_batch_bytes(input_shape)
 
     with warnings.catch_warnings():
         # patch() warns about unreached sites; they are in the report, printed below.
@@ -83,9 +108,9 @@ def run(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         calibration = _patch_or_calibrate(model, args, input_shape[1:])
         seconds = time.perf_counter() - start
-    check = verify(original, model, input_shape, args.mode)  # reads the report after running the model
+    check = verify(original, model, inputs, args.mode)  # reads the report after running the model
     rep = report(model)
-    scale, scale_note = _gradient_scale(model, bool(rep.replaced), input_shape)
+    scale, scale_note = _gradient_scale(model, bool(rep.replaced), inputs)
     rep = report(model)
     if scale is not None and scale.warning():
         print(scale.warning(), file=sys.stderr)
@@ -165,18 +190,53 @@ def _patch_or_calibrate(model: nn.Module, args: argparse.Namespace, per_sample: 
     return calibrate_on(model, batches, masks=args.masks, **patch_kwargs(args))
 
 
-def _gradient_scale(model: nn.Module, replaced: bool, input_shape: Sequence[int]) -> tuple[GradientScale | None, str]:
+def _gradient_scale(
+    model: nn.Module, replaced: bool, inputs: Sequence[int] | Example
+) -> tuple[GradientScale | None, str]:
     """The train-mode gradient-norm ratio patched / plain on a random batch of at least ``SCALE_BATCH``, or why it
     was not measured. (A train-mode BatchNorm over 2 samples at 1x1 spatial size passes almost no gradient, and the
     ratio of two near-zero norms swings from seed to seed: tv:resnet18 at 32x32 on batches of 2 did, on batches of 8
-    it did not.)"""
+    it did not.) Keyword inputs (``hf:`` models) are passed positionally, in the order of the forward's parameters;
+    integer inputs (token ids) have no gradient, so only the parameters' ratio is shown for them."""
     if not replaced:
         return None, render.NOT_REPLACED
-    shape = (max(SCALE_BATCH, input_shape[0]), *input_shape[1:])
-    if batch_bytes(shape) > MAX_BATCH_BYTES:
-        return None, f"not measured: a batch of {shape[0]} would take {batch_bytes(shape) / 2**30:.3g} GiB"
-    batch = torch.randn(shape, generator=torch.Generator().manual_seed(SEED))
+    if isinstance(inputs, Example):
+        args = _positional(model, inputs)
+        if args is None:
+            return None, "not measured: the forward does not take these inputs positionally"
+    else:
+        shape = (max(SCALE_BATCH, inputs[0]), *inputs[1:])
+        if batch_bytes(shape) > MAX_BATCH_BYTES:
+            return None, f"not measured: a batch of {shape[0]} would take {batch_bytes(shape) / 2**30:.3g} GiB"
+        args = (torch.randn(shape, generator=torch.Generator().manual_seed(SEED)),)
     try:
-        return measure_gradient_scale(model, batch), ""
+        scale = measure_gradient_scale(model, *args)
     except (RuntimeError, ValueError) as e:  # e.g. BatchNorm in train mode on one value per channel
         return None, f"not measured: {one_line(e)}"
+    floats = any(isinstance(a, torch.Tensor) and a.is_floating_point() for a in args)
+    return scale, "" if floats else render.PARAMETERS_ONLY
+
+
+def _positional(model: nn.Module, example: Example) -> tuple | None:
+    """``example``'s keyword inputs as positional arguments of ``model.forward`` (gaps filled with the defaults), or
+    None when a keyword is not a positional parameter."""
+    import inspect
+
+    try:  # the class's forward: a patched one may sit in the instance, taking (*args, **kwargs)
+        params = list(inspect.signature(type(model).forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    names = [p.name for p in params if p.kind in kinds]
+    if not set(example.kwargs) <= set(names):
+        return None
+    last = max(names.index(k) for k in example.kwargs) if example.kwargs else -1
+    args = list(example.args)
+    for p in params[len(args) : last + 1]:
+        if p.name in example.kwargs:
+            args.append(example.kwargs[p.name])
+        elif p.default is not inspect.Parameter.empty:
+            args.append(p.default)
+        else:
+            return None
+    return tuple(args)

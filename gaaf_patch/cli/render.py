@@ -12,11 +12,12 @@ from typing import Any
 
 from ..gradscale import GradientScale
 from ..report import Report
-from ..verify import NO_GRADIENT, Verification
+from ..verify import NO_GRADIENT, NOT_DIFFERENTIABLE, WRT_INPUT, Verification
 
 __all__ = ["print_report", "print_gradient_scale", "print_calibration", "print_deployment", "coverage_progress"]
 
 NOT_REPLACED = "no activation replaced"  # the gradient-scale note that needs no line of its own
+PARAMETERS_ONLY = "integer inputs (token ids): only the parameters' gradient is compared"
 
 
 def _console(**kw: Any) -> Any:
@@ -103,15 +104,17 @@ def _check_line(check: Verification) -> str:
     out_word = "[green]ok[/]" if check.output_ok else "[red]FAILED[/]"
     tol = "" if check.output_check == "bit-identical" else f", tolerance {check.output_tolerance:.3g}"
     grad_word = "[green]ok[/]" if check.gradient_ok else "[red]FAILED[/]"
-    grad_text = (
-        f"input gradient not checked: {check.gradient_expect}"
-        if check.gradient_expect == NO_GRADIENT
-        else f"input gradient should {check.gradient_expect}: {grad_word} (max |diff| {check.gradient_max_abs_diff:.3g})"
-    )
-    line = (
-        f"forward {check.output_check} on {list(check.input_shape)}: {out_word} "
-        f"(max |diff| {check.output_max_abs_diff:.3g}{tol}); {grad_text}"
-    )
+    which = "input gradient" if check.gradient_wrt == WRT_INPUT else f"gradient w.r.t. the {check.gradient_wrt}"
+    if check.gradient_expect == NOT_DIFFERENTIABLE:
+        grad_text = f"input gradient {NOT_DIFFERENTIABLE}"
+    elif check.gradient_expect == NO_GRADIENT:
+        grad_text = f"{which} not checked: {check.gradient_expect}"
+    else:
+        grad_text = (
+            f"{which} should {check.gradient_expect}: {grad_word} (max |diff| {check.gradient_max_abs_diff:.3g})"
+        )
+    on = escape(check.inputs or str(list(check.input_shape)))
+    line = f"forward {check.output_check} on {on}: {out_word} (max |diff| {check.output_max_abs_diff:.3g}{tol}); {grad_text}"
     if check.audit is not None:
         a = check.audit
         word = "[green]ok[/]" if a.ok else "[red]FAILED[/]"
@@ -131,9 +134,12 @@ def print_gradient_scale(scale: GradientScale | None, note: str) -> None:
             console.print(f"gradient scale {note}", markup=False)
         return
     word = "[green]ok[/]" if scale.safe else "[yellow]outside [0.5, 2][/]"
-    console.print(
-        f"gradient norm patched / plain (train mode): input x{scale.input:.3g}, parameters x{scale.params:.3g}: {word}"
+    ratios = (
+        f"parameters x{scale.params:.3g}"
+        if note == PARAMETERS_ONLY
+        else (f"input x{scale.input:.3g}, parameters x{scale.params:.3g}")
     )
+    console.print(f"gradient norm patched / plain (train mode): {ratios}: {word}")
 
 
 def print_calibration(rows: list[dict[str, Any]] | None) -> None:

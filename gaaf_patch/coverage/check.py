@@ -2,10 +2,11 @@
 
 (a) eval outputs bit-identical to the unpatched model's (exact mode; :func:`gaaf_patch.verify.all_bit_equal`);
 (b) no activation left unreplaced, counted independently of the report (:mod:`.count`: module instances, whole-model
-fx nodes where the model traces, aten ops at run time), and nothing in ``report.unreached``; (c) the train-mode
-forward deterministic after stripping (two forwards under different RNG seeds agree bit for bit; drop-path modules,
-which ``strip_dropout`` keeps, held in eval mode); (d) a train-mode backward runs and reaches the input;
-(e) ``state_dict`` keys unchanged.
+fx nodes where the model traces; at run time, :func:`gaaf_patch.audit.audit`: no native activation op ran outside
+GAAF in a train-mode forward and backward unless the report explains it), and nothing in ``report.unreached``;
+(c) the train-mode forward deterministic after stripping (two forwards under different RNG seeds agree bit for bit;
+drop-path modules, which ``strip_dropout`` keeps, held in eval mode) and no random op the report does not explain in
+the audit; (d) a train-mode backward runs and reaches the input; (e) ``state_dict`` keys unchanged.
 
 The unpatched model is run first in train mode, then in eval mode (the reference), both on the same seeded batch.
 If it rejects the small input, it is rebuilt at its native size; if it fails there too, or if it has more
@@ -26,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ..api import patch
+from ..audit import audit
 from ..errors import one_line
 from ..models import output_tensors as _tensors
 from ..passes import targets
@@ -53,7 +55,7 @@ class Result:
     status: str = FAIL
     reason: str = ""
     params: int | None = None
-    input_size: list[int] | None = None
+    input_size: list[int] | list[str] | None = None  # C, H, W; a Hugging Face model: "input_ids [2, 8]", ...
     replaced: int = 0
     stripped: int = 0
     gates: int = 0
@@ -62,6 +64,7 @@ class Result:
     leftover_modules: list[dict[str, Any]] = field(default_factory=list)
     leftover_fx: list[dict[str, Any]] | None = None
     fx_error: str = ""
+    # gaaf_patch.audit's findings (Finding.to_dict(): module, kind, op, phase, count, explained)
     leftover_runtime: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -77,12 +80,17 @@ class Result:
         return cls(**d)
 
     def misses(self) -> dict[str, int]:
-        """Leftovers that are not gates, per counting method (fx: -1 when the model does not trace whole)."""
+        """Leftovers that are not gates, per counting method (fx: -1 when the model does not trace whole; runtime:
+        the audit's silent activation findings)."""
         return {
             "modules": sum(not x["gate"] for x in self.leftover_modules),
             "fx": -1 if self.leftover_fx is None else sum(not x["gate"] for x in self.leftover_fx),
-            "runtime": sum(not x["gate"] for x in self.leftover_runtime),
+            "runtime": len(self.silent("activation")),
         }
+
+    def silent(self, kind: str) -> list[dict[str, Any]]:
+        """The audit's findings of ``kind`` (``activation`` or ``random``) that the report does not explain."""
+        return [f for f in self.leftover_runtime if f.get("kind") == kind and f.get("explained") is None]
 
 
 def _why(e: BaseException) -> str:
@@ -98,7 +106,7 @@ def _forward(model: nn.Module, x: Tensor, seed: int) -> list[Tensor]:
 def _droppath_held(model: nn.Module) -> Iterator[None]:
     """Drop-path (stochastic depth) modules in eval mode: ``strip_dropout`` leaves them (``strip_droppath`` is its
     own option), so their randomness is not the patch's; any other randomness left fails check (c)."""
-    held = [m for m in model.modules() if isinstance(m, targets.DROPPATH_MODULES) and m.training]
+    held = [m for m in model.modules() if targets.is_droppath(m) and m.training]
     for m in held:
         m.training = False
     try:
@@ -150,7 +158,12 @@ def _timed(result: Result, fn: Any, *args: Any) -> Result:
 
 
 def check(entry: zoo.Entry, size: int | None = 64, max_params: int | None = None) -> Result:
-    """Build ``entry`` and run checks (a)-(e) on it (see the module docstring); never raises."""
+    """Build ``entry`` and run checks (a)-(e) on it (see the module docstring; a Hugging Face model type: the checks
+    of :mod:`.hf`, ``size`` and ``max_params`` unused); never raises."""
+    if entry.source == zoo.HF:
+        from .hf import check_hf
+
+        return _timed(Result(entry.source, entry.family, entry.name), lambda result: check_hf(entry.family, result))
     return _timed(Result(entry.source, entry.family, entry.name), _check_entry, entry, size, max_params)
 
 
@@ -201,19 +214,19 @@ def _patch_and_verify(model: nn.Module, x: Tensor, ref: list[Tensor], result: Re
 
     model.train()
     xg = x.clone().requires_grad_(True)
-    with count.RuntimeCounter(model, rep) as rc:
-        out = _forward(model, xg, SEED + 1)
-        floats = [o for o in out if o.is_floating_point() and o.requires_grad]
-        try:
-            sum(o.float().sum() for o in floats).backward()
-            checks["d_backward"] = bool(floats) and xg.grad is not None
-        except Exception as e:  # noqa: BLE001
-            checks["d_backward"] = False
-            result.reason = f"backward: {_why(e)}"
-    result.leftover_runtime = [o.to_dict() for o in rc.leftovers()]
+    out = _forward(model, xg, SEED + 1)
+    floats = [o for o in out if o.is_floating_point() and o.requires_grad]
+    try:
+        sum(o.float().sum() for o in floats).backward()
+        checks["d_backward"] = bool(floats) and xg.grad is not None
+    except Exception as e:  # noqa: BLE001
+        checks["d_backward"] = False
+        result.reason = f"backward: {_why(e)}"
+    if checks["d_backward"]:  # the audit runs the same step on a copy, recording what ran outside GAAF
+        result.leftover_runtime = [f.to_dict() for f in audit(model, x).findings]
     with torch.no_grad(), _droppath_held(model):
         first = _forward(model, x, SEED + 2)
-        checks["c_deterministic"] = all_bit_equal(_forward(model, x, SEED + 3), first)
+        checks["c_deterministic"] = all_bit_equal(_forward(model, x, SEED + 3), first) and not result.silent("random")
 
     misses = result.misses()
     checks["b_complete"] = (
@@ -232,12 +245,14 @@ def _explain(result: Result, failed: list[str]) -> str:
             parts = [f"{u['name']}: {u.get('reason', '')}" for u in result.unreached[:3]]
             parts += [f"{m['what']} at {m['where']}" for m in result.leftover_modules if not m["gate"]][:3]
             parts += [f"fx {m['what']} at {m['where']}" for m in result.leftover_fx or [] if not m["gate"]][:3]
-            parts += [f"ran {m['what']} in {m['where']}" for m in result.leftover_runtime if not m["gate"]][:3]
+            ran = result.silent("activation")[:3]
+            parts += [f"ran {f['op']} x{f['count']} in {f['module'] or '<root>'}" for f in ran]
             why.append("not fully patched: " + "; ".join(parts))
         else:
             why.append({
                 "a_exact": "eval output differs from the unpatched model",
-                "c_deterministic": "train-mode forward not deterministic after stripping dropout",
+                "c_deterministic": "train-mode forward not deterministic after stripping dropout"
+                + "".join(f"; ran {f['op']} in {f['module'] or '<root>'}" for f in result.silent("random")[:3]),
                 "d_backward": "backward does not reach the input",
                 "e_state_dict": "state_dict keys changed",
             }[k])  # fmt: skip

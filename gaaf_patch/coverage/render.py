@@ -1,4 +1,9 @@
-"""Coverage results as a rich table (the terminal), as markdown (docs/coverage.md) and as JSON."""
+"""Coverage results as a rich table (the terminal), as markdown (docs/coverage.md) and as JSON.
+
+docs/coverage.md holds both sweeps: the timm/torchvision document, then the Hugging Face section between
+:data:`HF_BEGIN` and :data:`HF_END`; each sweep's ``--markdown`` rewrites its own part and keeps the other
+(:func:`merge_markdown`).
+"""
 
 from __future__ import annotations
 
@@ -11,25 +16,43 @@ from typing import Any
 from .check import CHECKS, FAIL, PASS, SKIP, Result
 from .sweep import Summary
 
-__all__ = ["console_table", "totals_line", "markdown", "to_json", "versions"]
+__all__ = [
+    "console_table",
+    "totals_line",
+    "markdown",
+    "markdown_hf",
+    "merge_markdown",
+    "to_json",
+    "versions",
+    "HF_BEGIN",
+    "HF_END",
+]
 
 COLUMNS = ("family", "model", "params", "input", "replaced", "stripped", "gates", "checks a-e", "time")
+HF_COLUMNS = ("model type", "base class", "params", "inputs", "replaced", "stripped", "gates", "checks a-e", "time")
+HF_BEGIN, HF_END = "<!-- coverage --hf: begin -->", "<!-- coverage --hf: end -->"
+_HF_CHECKS = "a exact, b audit, c deterministic, d reload, e state_dict"
 
 
-def versions() -> dict[str, str]:
+def versions(hf: bool = False) -> dict[str, str]:
     import timm
     import torch
     import torchvision
 
     from ..version import __version__
 
-    return {
+    out = {
         "gaaf_patch": __version__,
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
         "timm": timm.__version__,
         "python": platform.python_version(),
     }
+    if hf:
+        import transformers
+
+        out["transformers"] = transformers.__version__
+    return out
 
 
 def _params(n: int | None) -> str:
@@ -37,13 +60,16 @@ def _params(n: int | None) -> str:
 
 
 def _row(r: Result) -> list[str]:
-    size = "x".join(map(str, r.input_size[1:])) if r.input_size else ""
-    failed = [k[0] for k in CHECKS if r.checks.get(k) is False]
+    if r.source == "hf":  # keyword inputs: "input_ids [2, 8]"
+        size = ", ".join(map(str, r.input_size or []))
+    else:
+        size = "x".join(map(str, r.input_size[1:])) if r.input_size else ""
+    failed = [k[0] for k in (r.checks or CHECKS) if r.checks.get(k) is False]
     marks = (
         "skipped" if r.status == SKIP else f"FAIL {' '.join(failed)}" if failed else "ok" if r.status == PASS else "-"
     )
     return [
-        r.family_id,
+        r.family if r.source == "hf" else r.family_id,
         r.name,
         _params(r.params),
         size,
@@ -56,6 +82,8 @@ def _row(r: Result) -> list[str]:
 
 
 def totals_line(summary: Summary, results: Sequence[Result]) -> str:
+    if results and all(r.source == "hf" for r in results):
+        return _hf_totals_line(summary, results)
     m = summary.models
     skipped = sum(s == SKIP for s in summary.families.values())
     return (
@@ -75,15 +103,17 @@ def console_table(results: Sequence[Result], summary: Summary, console: Any = No
     console = console or Console(highlight=False, width=None if _is_terminal() else 160)
     for source in sorted({r.source for r in results}):
         rows = [r for r in results if r.source == source]
-        table = Table(title=f"{source}: coverage (a exact, b complete, c deterministic, d backward, e state_dict)")
-        for c in COLUMNS:
+        checks = _HF_CHECKS if source == "hf" else "a exact, b complete, c deterministic, d backward, e state_dict"
+        table = Table(title=f"{source}: coverage ({checks})")
+        for c in HF_COLUMNS if source == "hf" else COLUMNS:
             table.add_column(c, overflow="fold", justify="right" if c in ("params", "time") else "left")
         for i, r in enumerate(rows):
             last = i + 1 == len(rows) or rows[i + 1].family_id != r.family_id
             style = {FAIL: "red", SKIP: "dim"}.get(r.status)
             table.add_row(*(escape(c) for c in _row(r)), style=style, end_section=last)
         console.print(table)
-    for status, title in ((FAIL, "failures"), (SKIP, "skipped (not counted)")):
+    skipped = "does not build (not counted)" if all(r.source == "hf" for r in results) else "skipped (not counted)"
+    for status, title in ((FAIL, "failures"), (SKIP, skipped)):
         bad = [r for r in results if r.status == status]
         if bad:
             t = Table(title=title, style="red" if status == FAIL else "dim")
@@ -107,18 +137,23 @@ def _counts(results: Sequence[Result]) -> list[str]:
     whole = sum(r.leftover_fx is not None for r in ran)
     gates = {k: sum(sum(x["gate"] for x in getattr(r, f"leftover_{k}") or []) for r in ran) for k in _KINDS}
     misses = {k: sum(sum(not x["gate"] for x in getattr(r, f"leftover_{k}") or []) for r in ran) for k in _KINDS}
+    acts = [f for r in ran for f in r.leftover_runtime if f.get("kind") == "activation"]
+    silent = sum(f.get("explained") is None for f in acts)
+    randoms = [f for r in ran for f in r.leftover_runtime if f.get("kind") == "random"]
     return [
         f"- {whole} of {len(ran)} checked models trace whole with torch.fx, timm's non-traceable modules as leaves "
-        "(the others are counted by modules and at run time only; the patch itself traces each module's own code).",
+        "(the others are counted by modules and by the audit only; the patch itself traces each module's own code).",
         "- Activations left, not gates: "
         + ", ".join(f"{misses[k]} by {k}" for k in _KINDS)
-        + ". Left at a reported gate (not counted as misses): "
+        + f", {silent} silent in the audit. Left at a reported gate (not counted as misses): "
         + ", ".join(f"{gates[k]} by {k}" for k in _KINDS)
-        + ".",
+        + f"; the audit's activation findings the report explains: {len(acts) - silent}.",
+        f"- Random ops the audit saw outside GAAF: {len(randoms)} (kind of op per module), "
+        f"{sum(f.get('explained') is None for f in randoms)} silent.",
     ]
 
 
-_KINDS = ("modules", "fx", "runtime")
+_KINDS = ("modules", "fx")
 
 
 def _md_escape(text: str) -> str:
@@ -138,10 +173,11 @@ def markdown(results: Sequence[Result], summary: Summary, command: str) -> str:
         "Each model is built with random weights, patched with `gaaf_patch.patch(model, strip_dropout=True)` and "
         "checked: **a** eval outputs bit-identical to the unpatched model; **b** no activation left: nothing "
         "unreached in the report, and no activation counted independently of the report (modules of activation "
-        "classes, `F.*`/method nodes of a whole-model fx trace where the model traces, aten activation ops run "
-        "outside GAAF during a train-mode forward and backward), gates (a sigmoid multiplying a tensor, left alone "
-        "on purpose, listed in the report) excepted; **c** train-mode forward deterministic after stripping "
-        "(drop-path, which `strip_dropout` keeps, held in eval mode); **d** a backward pass runs and reaches the "
+        "classes, `F.*`/method nodes of a whole-model fx trace where the model traces) and none silent in "
+        "`gaaf_patch.audit` (native activation ops run outside GAAF during a train-mode forward and backward, each "
+        "explained by the report or silent), gates (a sigmoid multiplying a tensor, left alone on purpose, listed in "
+        "the report) excepted; **c** train-mode forward deterministic after stripping (drop-path, which "
+        "`strip_dropout` keeps, held in eval mode), and no random op silent in the audit; **d** a backward pass runs and reaches the "
         "input; **e** `state_dict` keys unchanged. Inputs are `--size` square (64 by default) where the model "
         "allows it, else its own size. See gaaf_patch/coverage/ for the details.",
         "",
@@ -171,10 +207,79 @@ def markdown(results: Sequence[Result], summary: Summary, command: str) -> str:
     return "\n".join(out)
 
 
+def _hf_totals_line(summary: Summary, results: Sequence[Result]) -> str:
+    skipped = sum(r.status == SKIP for r in results)
+    return (
+        f"model types: {summary.passed}/{summary.checked} of those that build pass every check ({summary.rate:.1%}; "
+        f"target {summary.target:.0%}: {'met' if summary.met else 'NOT met'}), "
+        f"{summary.checked - summary.passed} fail; {skipped} of {len(results)} do not build with the shrunk config "
+        f"(not counted); {sum(r.seconds for r in results):.0f} s"
+    )
+
+
+def markdown_hf(results: Sequence[Result], summary: Summary, command: str) -> str:
+    """The Hugging Face section of docs/coverage.md, between :data:`HF_BEGIN` and :data:`HF_END`."""
+    v = versions(hf=True)
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    ran = [r for r in results if r.status != SKIP]
+    silent = sum(1 for r in ran for f in r.leftover_runtime if f.get("explained") is None)
+    explained = sum(1 for r in ran for f in r.leftover_runtime if f.get("explained") is not None)
+    out = [
+        HF_BEGIN,
+        "## Hugging Face transformers",
+        "",
+        f"Generated by `{command}` on {when} (gaaf-patch {v['gaaf_patch']}, transformers {v['transformers']}, torch "
+        f"{v['torch']}, Python {v['python']}, CPU). Do not edit: rerun the command.",
+        "",
+        "Every transformers model type with a base model class (`AutoModel`) is built by `gaaf_patch.hf.build` from "
+        "its default config shrunk to a few layers and a narrow width (`gaaf_patch/hf.py`), with random weights, fed "
+        "`gaaf_patch.hf.runnable_inputs` (token ids, images, waveforms or features sized from the config), patched "
+        "with `gaaf_patch.patch(model, strip_dropout=True)` and checked: **a** eval outputs bit-identical to the "
+        "unpatched model; **b** `gaaf_patch.audit` clean: every native activation and random op that ran outside "
+        "GAAF in one train-mode forward and backward is explained by the report (a gate, an unreached site with its "
+        "reason, a DropPath kept); **c** train-mode forward deterministic (two forwards under different seeds, "
+        "DropPath held in eval mode); **d** `save_pretrained` of the patched model, then `from_pretrained` into the "
+        "plain class: no missing, unexpected or mismatched keys, the same weights, the same eval outputs; **e** "
+        "`state_dict` keys unchanged. A type whose unpatched model does not build or run with the shrunk config is "
+        "listed as *does not build*, with the reason, and not counted. See gaaf_patch/coverage/hf.py.",
+        "",
+        "### Totals",
+        "",
+        totals_line(summary, results),
+        "",
+        f"- Audit findings over the checked types: {explained} explained by the report, {silent} silent.",
+        "",
+    ]
+    for status, title in ((FAIL, "Failures"), (SKIP, "Does not build (not counted)")):
+        bad = [r for r in results if r.status == status]
+        out += [f"### {title}", ""]
+        if not bad:
+            out += ["None.", ""]
+            continue
+        out += ["| model type | class | reason |", "|---|---|---|"]
+        out += [f"| {r.family} | {r.name} | {_md_escape(r.reason)} |" for r in bad]
+        out.append("")
+    out += ["### Every model type that builds", "", "| " + " | ".join(HF_COLUMNS) + " |"]
+    out.append("|" + "---|" * len(HF_COLUMNS))
+    out += ["| " + " | ".join(_md_escape(c) for c in _row(r)) + " |" for r in ran]
+    out += ["", HF_END, ""]
+    return "\n".join(out)
+
+
+def merge_markdown(old: str, new: str) -> str:
+    """``new`` (one sweep's markdown) in place of its part of ``old`` (the file as it is), the other part kept."""
+    start, end = old.find(HF_BEGIN), old.find(HF_END)
+    hf_part = old[start : end + len(HF_END)] if 0 <= start < end else ""
+    if new.startswith(HF_BEGIN):
+        rest = old.replace(hf_part, "").rstrip() if hf_part else old.rstrip()
+        return (rest + "\n\n" if rest else "") + new
+    return new.rstrip() + ("\n\n" + hf_part + "\n" if hf_part else "\n")
+
+
 def to_json(results: Sequence[Result], summary: Summary, command: str) -> str:
     doc = {
         "command": command,
-        "versions": versions(),
+        "versions": versions(hf=any(r.source == "hf" for r in results)),
         "summary": summary.to_dict(),
         "results": [r.to_dict() for r in results],
     }

@@ -32,11 +32,12 @@ __all__ = [
     "torchvision_families",
     "representatives",
     "entries",
+    "hf_entries",
     "build",
     "native_size",
 ]
 
-TIMM, TORCHVISION = "timm", "torchvision"
+TIMM, TORCHVISION, HF = "timm", "torchvision", "hf"
 # Candidates per family built on the meta device to find the cheapest (the name heuristic alone errs in ~10 of 98 families).
 CANDIDATES = 6
 _SIZE_WORDS = {
@@ -49,7 +50,8 @@ _SIZE_WORDS = {
 
 @dataclass(frozen=True)
 class Entry:
-    """One model of the zoo: its library (``timm`` / ``torchvision``), family and name."""
+    """One model of the zoo: its library (``timm`` / ``torchvision`` / ``hf``), family and name. A Hugging Face
+    entry's family is its model type (``bert``), its name the base class once built (``BertModel``)."""
 
     source: str
     family: str
@@ -57,11 +59,15 @@ class Entry:
 
     @property
     def spec(self) -> str:
-        """The spelling ``gaaf-patch patch`` takes: ``resnet18`` or ``tv:resnet18``."""
+        """The spelling ``gaaf-patch patch`` takes: ``resnet18``, ``tv:resnet18`` or ``hf:bert``."""
+        if self.source == HF:
+            return f"hf:{self.family}"
         return self.name if self.source == TIMM else f"tv:{self.name}"
 
     @property
     def family_id(self) -> str:
+        if self.source == HF:
+            return f"hf:{self.family}"
         return self.family if self.source == TIMM else f"tv:{self.family}"
 
 
@@ -242,8 +248,21 @@ def build(entry: Entry, size: int | None) -> tuple[nn.Module, tuple[int, int, in
     return model, native if size is None else (native[0], size, size)
 
 
+def hf_entries(model_types: list[str] | None = None) -> list[Entry]:
+    """One entry per transformers model type with a base model class (``model_types``: only these), sorted."""
+    from ..hf import model_types as all_types
+
+    known = all_types()
+    unknown = sorted(set(model_types or ()) - set(known))
+    if unknown:
+        raise ValueError(f"no transformers model type {', '.join(map(repr, unknown))} with a base model class")
+    return [Entry(HF, t, t) for t in (known if model_types is None else sorted(set(model_types)))]
+
+
 def entry_for(spec: str) -> Entry:
-    """The entry of one model named as ``gaaf-patch patch`` takes it: ``resnet18`` or ``tv:resnet18``."""
+    """The entry of one model named as ``gaaf-patch patch`` takes it: ``resnet18``, ``tv:resnet18`` or ``hf:bert``."""
+    if spec.startswith("hf:"):
+        return hf_entries([spec[3:]])[0]
     source, name = (TORCHVISION, spec[3:]) if spec.startswith("tv:") else (TIMM, spec)
     fams = timm_families() if source == TIMM else torchvision_families()
     for fam, names in fams.items():

@@ -14,6 +14,7 @@ from torch import nn
 
 import gaaf_patch as gaaf
 from gaaf_patch import coverage as cov
+from gaaf_patch.audit import audit
 from gaaf_patch.cli import main
 from gaaf_patch.coverage import zoo
 from gaaf_patch.gain import delta_for
@@ -98,6 +99,11 @@ def _misses(items) -> int:
     return sum(not i.gate for i in items)
 
 
+def _ran(a) -> list[tuple[str, str, str, str | None]]:
+    """(module, op, phase, why explained) of each audit finding: what ran outside GAAF, one entry per op kind."""
+    return sorted((f.module, f.op, f.phase, f.explained) for f in a.findings)
+
+
 def test_counts_see_every_unpatched_activation():
     model = _Toy()
     x = torch.randn(3, 6)
@@ -112,10 +118,20 @@ def test_counts_see_every_unpatched_activation():
         "tanh",
     ]  # train and eval graphs
     assert [m.gate for m in fx if m.what == "sigmoid"] == [True, True]
-    with cov.RuntimeCounter(model) as rc:
-        model(x)
-    assert sorted(m.what for m in rc.leftovers()) == ["aten.gelu x1", "aten.relu x1", "aten.sigmoid x1", "aten.tanh x1"]
-    assert {m.where for m in rc.leftovers()} == {"<root>", "act"}
+    # The toy's forward runs four activations and one dropout: the audit (train mode) lists each in its module,
+    # forward and backward (ReLU's backward is threshold_backward), all silent: an unpatched model has no report.
+    a = audit(model, x)
+    assert _ran(a) == [
+        ("", "aten.gelu", "forward", None),
+        ("", "aten.gelu_backward", "backward", None),
+        ("", "aten.sigmoid", "forward", None),
+        ("", "aten.sigmoid_backward", "backward", None),
+        ("", "aten.tanh", "forward", None),
+        ("", "aten.tanh_backward", "backward", None),
+        ("act", "aten.relu", "forward", None),
+        ("act", "aten.threshold_backward", "backward", None),
+        ("drop", "aten.bernoulli_", "forward", None),
+    ]
 
 
 def test_counts_are_zero_after_patch_but_the_gate():
@@ -126,9 +142,11 @@ def test_counts_are_zero_after_patch_but_the_gate():
     assert cov.leftover_modules(model, rep) == []
     fx, _ = cov.leftover_fx(model)
     assert [(m.what, m.gate) for m in fx] == [("sigmoid", True)] * 2
-    with cov.RuntimeCounter(model, rep) as rc:
-        model(torch.randn(3, 6, requires_grad=True)).sum().backward()
-    assert [(m.what, m.gate) for m in rc.leftovers()] == [("aten.sigmoid x1", True)]  # GAAF's own ops not counted
+    gate = "gate (output multiplies)"  # GAAF's own ops are not findings; the gate is, explained by the report
+    assert _ran(audit(model, torch.randn(3, 6))) == [
+        ("", "aten.sigmoid", "forward", gate),
+        ("", "aten.sigmoid_backward", "backward", gate),
+    ]
 
 
 def test_filtered_site_is_counted_by_all_three():
@@ -136,9 +154,8 @@ def test_filtered_site_is_counted_by_all_three():
     gaaf.patch(model, filter_fn=lambda m, name: name != "act")  # the ReLU module stays
     rep = gaaf.report(model)
     assert [m.what for m in cov.leftover_modules(model, rep)] == ["ReLU"]
-    with cov.RuntimeCounter(model, rep) as rc:
-        model(torch.randn(3, 6))
-    assert [(m.where, m.what) for m in rc.leftovers() if not m.gate] == [("act", "aten.relu x1")]
+    a = audit(model, torch.randn(3, 6))
+    assert [(f.module, f.op) for f in a.silent] == [("act", "aten.relu"), ("act", "aten.threshold_backward")]
 
 
 def test_gate_in_code_is_reported_once():
@@ -255,7 +272,11 @@ def test_runtime_count_reaches_code_no_tracer_does():
     model = nn.Sequential(nn.Linear(6, 6), _Scripted())
     r = cov.check_model(model, (6,))
     assert r.status == cov.FAIL and r.checks["b_complete"] is False
-    assert r.leftover_runtime == [{"where": "1", "what": "aten.tanh x1", "gate": False}]  # the run shows it
+    assert r.silent("activation") == [  # the run shows it: the tanh in module 1, forward and backward
+        {"module": "1", "kind": "activation", "op": "aten.tanh", "phase": "forward", "count": 1, "explained": None},
+        {"module": "1", "kind": "activation", "op": "aten.tanh_backward", "phase": "backward", "count": 1,
+         "explained": None},
+    ]  # fmt: skip
     assert "not fully patched" in r.reason and "ran aten.tanh x1 in 1" in r.reason
 
 
@@ -296,7 +317,7 @@ def test_randomness_other_than_dropout_fails_check_c():
     r = cov.check_model(_Noisy(), (6,))
     assert r.status == cov.FAIL and r.checks["c_deterministic"] is False
     assert r.checks["b_complete"] and r.checks["a_exact"]
-    assert "not deterministic" in r.reason
+    assert "not deterministic" in r.reason and "ran aten.rand_like in <root>" in r.reason  # the audit names it
 
 
 def test_summary_counts_families_not_models():
