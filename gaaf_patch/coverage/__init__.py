@@ -7,7 +7,8 @@ the report and by :func:`gaaf_patch.audit.audit`, (c) a deterministic train-mode
 (e) unchanged ``state_dict`` keys. ``gaaf-patch coverage --hf`` does the same for every transformers model type,
 with a ``save_pretrained`` / ``from_pretrained`` round trip as (d) (:mod:`.hf`). Modules: :mod:`.zoo` (which
 models), :mod:`.count` (leftovers), :mod:`.check` (one model), :mod:`.hf` (one transformers model type),
-:mod:`.sweep` (many, under time limits; totals), :mod:`.render` (table, markdown, JSON).
+:mod:`.status` (outcomes, DropPath held), :mod:`.sweep` (many, under time limits; totals), :mod:`.render` (table,
+markdown, JSON).
 """
 
 from .check import CHECKS, FAIL, PASS, SKIP, Result, check, check_model

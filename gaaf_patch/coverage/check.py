@@ -16,10 +16,8 @@ about the patch.
 
 from __future__ import annotations
 
-import contextlib
 import time
 import warnings
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -30,14 +28,13 @@ from ..api import patch
 from ..audit import audit
 from ..errors import one_line
 from ..models import output_tensors as _tensors
-from ..passes import targets
 from ..report import report
 from ..verify import all_bit_equal
 from . import count, zoo
+from .status import FAIL, PASS, SKIP, droppath_held
 
 __all__ = ["Result", "check", "check_model", "PASS", "FAIL", "SKIP"]
 
-PASS, FAIL, SKIP = "pass", "fail", "skip"
 CHECKS = ("a_exact", "b_complete", "c_deterministic", "d_backward", "e_state_dict")
 SEED = 0
 BATCH = 2
@@ -100,20 +97,6 @@ def _why(e: BaseException) -> str:
 def _forward(model: nn.Module, x: Tensor, seed: int) -> list[Tensor]:
     torch.manual_seed(seed)
     return _tensors(model(x))
-
-
-@contextlib.contextmanager
-def _droppath_held(model: nn.Module) -> Iterator[None]:
-    """Drop-path (stochastic depth) modules in eval mode: ``strip_dropout`` leaves them (``strip_droppath`` is its
-    own option), so their randomness is not the patch's; any other randomness left fails check (c)."""
-    held = [m for m in model.modules() if targets.is_droppath(m) and m.training]
-    for m in held:
-        m.training = False
-    try:
-        yield
-    finally:
-        for m in held:
-            m.training = True
 
 
 def _reference(model: nn.Module, x: Tensor) -> list[Tensor]:
@@ -224,7 +207,7 @@ def _patch_and_verify(model: nn.Module, x: Tensor, ref: list[Tensor], result: Re
         result.reason = f"backward: {_why(e)}"
     if checks["d_backward"]:  # the audit runs the same step on a copy, recording what ran outside GAAF
         result.leftover_runtime = [f.to_dict() for f in audit(model, x).findings]
-    with torch.no_grad(), _droppath_held(model):
+    with torch.no_grad(), droppath_held(model):
         first = _forward(model, x, SEED + 2)
         checks["c_deterministic"] = all_bit_equal(_forward(model, x, SEED + 3), first) and not result.silent("random")
 

@@ -31,10 +31,12 @@ import torch
 from torch import nn
 
 from ..api import patch
+from ..audit import audit
+from ..errors import one_line
 from ..models import output_tensors
 from ..report import report
 from ..verify import all_bit_equal
-from .check import _droppath_held
+from .status import FAIL, PASS, SKIP, droppath_held
 
 __all__ = ["HF_CHECKS", "HF_TARGET", "DOES_NOT_BUILD", "check_hf"]
 
@@ -70,15 +72,11 @@ def _quiet() -> Iterator[None]:
 
 
 def _why(e: BaseException) -> str:
-    from ..errors import one_line
-
     return f"{type(e).__name__}: {one_line(e, 200)}"
 
 
 def check_hf(model_type: str, result: Any) -> None:
     """Checks (a)-(e) on ``model_type`` into ``result`` (a :class:`~gaaf_patch.coverage.check.Result`)."""
-    from .check import FAIL, PASS, SKIP
-
     result.checks = dict.fromkeys(HF_CHECKS)
     with _quiet():
         prepared = _prepare(model_type, result)
@@ -134,8 +132,6 @@ _FAILED = {
 def _patch_and_check(model: nn.Module, inputs: dict[str, Any], ref: list[torch.Tensor], result: Any) -> None:
     """Patch ``model`` and run the checks in an order that keeps them apart: the eval and reload checks before any
     train-mode forward (whose batch-norm updates would move the reference); the audit works on a copy."""
-    from ..audit import audit
-
     checks, problems = result.checks, []
     keys = list(model.state_dict())
     try:
@@ -168,7 +164,7 @@ def _patch_and_check(model: nn.Module, inputs: dict[str, Any], ref: list[torch.T
             problems.append(f"audit: {len(found.silent)} silent: " + "; ".join(f.line() for f in found.silent[:3]))
     model.train()
     try:
-        with _droppath_held(model):
+        with droppath_held(model):
             first = _forward(model, inputs, SEED + 2)
             checks["c_deterministic"] = all_bit_equal(_forward(model, inputs, SEED + 3), first)
     except Exception as e:  # noqa: BLE001
