@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
-from .errors import GaafError
+from .errors import GaafError, one_line
 
 __all__ = [
     "DataError",
@@ -32,6 +32,7 @@ __all__ = [
     "holdout",
     "SplitDataset",
     "image_folders",
+    "read_image",
     "IMAGE_FOLDER_VAL_NAMES",
 ]
 
@@ -146,6 +147,19 @@ class SplitDataset(Dataset):
 IMAGE_FOLDER_VAL_NAMES = ("val", "validation", "test")
 
 
+def read_image(path: str):
+    """torchvision's image loader (PIL, RGB), with a failure that names the file: a truncated or foreign file in
+    a folder of thousands is otherwise ``OSError: image file is truncated``, found only when its batch comes."""
+    from torchvision.datasets.folder import default_loader
+
+    try:
+        return default_loader(path)
+    except (OSError, ValueError, SyntaxError) as e:  # PIL: UnidentifiedImageError (an OSError), truncated, corrupt
+        raise DataError(
+            f"cannot read the image {path} ({type(e).__name__}: {one_line(e, 120)}); replace or remove it"
+        ) from e
+
+
 def image_folders(root: str | os.PathLike, train_transform=None, eval_transform=None, holdout_fraction: float = 0.1):
     """An ImageFolder tree as ``(train, held-out, classes)`` torchvision data sets (one sub-folder per class).
 
@@ -163,7 +177,7 @@ def image_folders(root: str | os.PathLike, train_transform=None, eval_transform=
 
     def load(folder: Path, transform) -> ImageFolder:
         try:
-            return ImageFolder(str(folder), transform=transform)
+            return ImageFolder(str(folder), transform=transform, loader=read_image)
         except (FileNotFoundError, RuntimeError) as e:  # no class folder / no image file in any class folder
             raise DataError(
                 f"{folder} is not an image-folder tree ({' '.join(str(e).split())[:160]}); expected one sub-folder "

@@ -29,3 +29,20 @@ def test_data_dir_precedence(monkeypatch, tmp_path):
     assert data.data_dir("/x") == data.Path("/x")
     monkeypatch.delenv(data.ENV)
     assert data.data_dir() == data.DEFAULT_DIR
+
+
+def test_an_unreadable_image_is_named(tmp_path):
+    """PIL says "image file is truncated" or "cannot identify image file"; which of thousands is the question."""
+    from PIL import Image
+
+    noise = (torch.rand(20, 24, 3, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8).numpy()
+    Image.fromarray(noise).save(tmp_path / "good.png")
+    (tmp_path / "text.png").write_text("not an image")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "good.png").read_bytes()[:200])
+    assert data.read_image(str(tmp_path / "good.png")).size == (24, 20)
+    with pytest.raises(
+        data.DataError, match=r"cannot read the image .*text\.png \(UnidentifiedImageError: .*remove it"
+    ):
+        data.read_image(str(tmp_path / "text.png"))
+    with pytest.raises(data.DataError, match=r"cannot read the image .*cut\.png \(OSError: .*\); replace or remove it"):
+        data.read_image(str(tmp_path / "cut.png"))

@@ -94,12 +94,22 @@ def _create(tmp: Path, mode: int) -> int:
     return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), mode)
 
 
+def _create_temp(path: Path, mode: int) -> tuple[int, Path]:
+    """A new temporary file next to ``path``, opened for writing: ``(descriptor, name)``."""
+    while True:
+        tmp = temp_path(path)
+        try:
+            return _create(tmp, mode), tmp
+        except FileExistsError:  # 2^-32 per try
+            continue
+
+
 def check_writable(path: str | os.PathLike[str]) -> None:
     """Raise ``OSError`` unless a file can be created next to ``path`` (what :func:`atomic_save` will need): the
     folder exists, is writable and is not on a read-only file system. Creating a file is the only test that is right
     for root, ACLs and read-only mounts alike; it is removed at once."""
-    tmp = temp_path(path)
-    os.close(_create(tmp, 0o600))
+    fd, tmp = _create_temp(Path(path), 0o600)
+    os.close(fd)
     tmp.unlink(missing_ok=True)
 
 
@@ -145,23 +155,19 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
         keep: int | None = stat.S_IMODE(path.stat().st_mode)  # replacing a file: keep its permissions, as open() would
     except FileNotFoundError:
         keep = None  # a new file: 0666 less the umask, as open() would
-    while True:
-        tmp = temp_path(path)
-        try:
-            fd = _create(tmp, 0o666 if keep is None else keep)
-            break
-        except FileExistsError:  # 2^-32 per try
-            continue
+    tmp = None
     try:
-        if keep is not None and hasattr(os, "fchmod"):
-            os.fchmod(fd, keep)  # the umask must not narrow the permissions of a file being replaced
+        fd, tmp = _create_temp(path, 0o666 if keep is None else keep)
         with os.fdopen(fd, "wb") as f:
+            if keep is not None and hasattr(os, "fchmod"):
+                os.fchmod(f.fileno(), keep)  # the umask must not narrow the permissions of a file being replaced
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         cause = _cause(e)
         if cause is not None and cause is not e:
             raise cause from None

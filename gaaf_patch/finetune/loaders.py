@@ -34,7 +34,7 @@ from .inputs import InputAdapter, normalization
 from .interrupt import quiet_worker
 from .options import EMBEDDED_DATA, FinetuneError, FinetuneOptions
 
-__all__ = ["Data", "Loaders", "datasets", "loaders", "epoch_seed", "DIGITS_HOLDOUT"]
+__all__ = ["Data", "Loaders", "datasets", "loaders", "epoch_seed", "worker_message", "DIGITS_HOLDOUT"]
 
 DIGITS_HOLDOUT = 0.2
 
@@ -95,8 +95,9 @@ class Loaders:
     generator: torch.Generator | None
 
     def set_epoch(self, epoch: int) -> None:
-        """Make the coming pass over ``train`` a function of ``(seed, epoch)``: the shuffle, and the seeds of the
-        loader's workers (or, with no workers, of nothing: this process's generators are the run's)."""
+        """Make the coming pass over ``train`` a function of ``(seed, epoch)``: the shuffle, and the seeds PyTorch
+        gives the loader's workers (with no workers the augmentation draws from this process's generators, which the
+        run seeds and the checkpoint saves)."""
         self.sampler.set_epoch(epoch)
         if self.generator is not None:
             self.generator.manual_seed(epoch_seed(self.seed, epoch, self.rank))
@@ -127,3 +128,15 @@ def loaders(opts: FinetuneOptions, ds: Data, d: dist.Dist) -> Loaders:
         kw.update(persistent_workers=opts.workers > 0, generator=torch.Generator().manual_seed(opts.seed))
     val = DataLoader(ds.val, batch_size=opts.batch_size, sampler=val_indices, **kw)
     return Loaders(train, sampler, val, opts.seed, d.rank, generator)
+
+
+def worker_message(e: BaseException) -> str | None:
+    """The message of an exception a loader worker raised (None: ``e`` is not one). PyTorch re-raises it in this
+    process as the same type with the worker's whole traceback as its message; the original message is the last
+    line, after ``module.Type: ``."""
+    text = str(e)
+    if "in DataLoader worker process" not in text:
+        return None
+    last = text.rstrip().splitlines()[-1]
+    name, sep, message = last.partition(": ")
+    return message if sep and name.endswith(type(e).__name__) else last

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..api import patch as _patch
-from ..errors import one_line
+from ..errors import GaafError, one_line
 from ..models import CheckpointError, build_model, load_state_dict_strict, read_checkpoint
 from ..report import report
 from . import dist, resume
@@ -41,7 +41,7 @@ from .deploy import deploy_check
 from .head import HeadError, checkpoint_classes, num_outputs, replace_classifier
 from .inputs import model_input_size, output_width
 from .interrupt import Interrupted, Terminated, raise_if_received, received
-from .loaders import datasets, loaders
+from .loaders import datasets, loaders, worker_message
 from .loop import NonFiniteLoss, Precision, Totals, evaluate, progress_bar, train_epoch
 from .options import AMP_CHOICES, EMBEDDED_DATA, FinetuneError, FinetuneOptions, check_options
 
@@ -161,10 +161,13 @@ def finetune(opts: FinetuneOptions, console: Any = None) -> FinetuneResult:
         signum = received()
         if signum is not None:  # the interrupt's exception was dropped (raised in a __del__); this followed it
             raise Interrupted(signum, saved.path, saved.epoch, opts.epochs) from None
+        message = worker_message(e)  # raised in a loader worker: its message is the last line of PyTorch's
+        if isinstance(e, GaafError) and message is not None:
+            raise type(e)(message) from e
         if isinstance(e, OSError):  # an image that cannot be read, a full disk: the environment's, not a bug
             raise FinetuneError(
-                f"input/output error: {type(e).__name__}: {one_line(e, 300)}; check that the files --data and "
-                "--data-dir name are readable and that there is free space"
+                f"input/output error: {type(e).__name__}: {message or one_line(e, 300)}; check that the files "
+                "--data and --data-dir name are readable and that there is free space"
             ) from e
         raise
     finally:

@@ -62,32 +62,60 @@ def epoch1(tmp_path_factory) -> Path:
 # ----------------------------------------------------------------------------------------------------------- signals
 
 
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """An image-folder tree of generated PNGs, 2 classes of 40 (loader workers decode them)."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("imgs")
+    g = torch.Generator().manual_seed(0)
+    for c, cls in enumerate(("cat", "dog")):
+        (root / cls).mkdir()
+        for i in range(40):
+            Image.fromarray((torch.rand(32, 32, 3, generator=g) * 80 + 120 * c).to(torch.uint8).numpy()).save(
+                root / cls / f"{i}.png"
+            )
+    return root
+
+
 @pytest.mark.parametrize(
-    "sig, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")], ids=["INT", "TERM"]
+    "sig, group, workers",
+    [(signal.SIGTERM, False, 0), (signal.SIGTERM, True, 2), (signal.SIGINT, True, 2)],
+    ids=["TERM-process", "TERM-group-workers", "INT-group-workers"],
 )
-def test_a_signal_stops_with_one_line_and_keeps_the_checkpoint(sig, code, word, tmp_path):
-    """SIGTERM printed nothing and left whatever it interrupted; now it takes Ctrl-C's path."""
+def test_a_signal_stops_with_one_line_and_keeps_the_checkpoint(sig, group, workers, folder, tmp_path):
+    """SIGTERM printed nothing and left whatever it interrupted; now it takes Ctrl-C's path. Sent to the process
+    group (a terminal's Ctrl-C, ``docker stop``), it also reaches the loader's workers, which must not turn it into
+    a "DataLoader worker ... is killed by signal" error or a worker's traceback."""
     out = tmp_path / "run.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "gaaf_patch.cli", "finetune", *RESNET, "--epochs", "50", "--out", str(out)]
+    data = ["--data", str(folder), "--num-classes", "2", "--batch-size", "8"] if workers else []
+    cmd = [sys.executable, "-m", "gaaf_patch.cli", "finetune", *RESNET, *data, "--workers", str(workers),
+           "--epochs", "50", "--out", str(out)]  # fmt: skip
     proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a background job may inherit it ignored
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 120
         while not out.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
+            time.sleep(0.02)
         assert out.exists(), proc.stderr.read() if proc.poll() is not None else "no checkpoint after 120 s"
-        proc.send_signal(sig)
+        time.sleep(0.1)  # the next epoch's loader workers are starting: the worst moment
+        (os.killpg if group else os.kill)(proc.pid, sig)
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == code, err
-    assert err.count("\n") == 1 and err.startswith(f"gaaf-patch: {word}") and "Traceback" not in err
+            os.killpg(proc.pid, signal.SIGKILL)
+    word = "interrupted" if sig == signal.SIGINT else "terminated (SIGTERM)"
+    assert proc.returncode == 128 + sig, err
+    # the interrupt is the last line and the only one from it (a warning of the run's, e.g. PyTorch's about more
+    # loader workers than CPUs, may come before)
+    last = err.splitlines()[-1]
+    assert last.startswith(f"gaaf-patch: {word}; the last checkpoint is {out}"), err
+    assert "Traceback" not in err and "Error" not in err and err.count("gaaf-patch:") == 1, err
     epoch = _load(out)["epoch"]  # loads: not torn
-    assert f"continue with --resume {out} (it holds epoch {epoch} of 50)" in err
+    assert last.endswith(f"continue with --resume {out} (it holds epoch {epoch} of 50)")
     assert stray_temps(out) == []
 
 
@@ -230,6 +258,22 @@ def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(epoch1, tmp_pa
 
 
 # ------------------------------------------------------------------------------------------------------- bad inputs
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_broken_image_is_named(workers, folder, tmp_path, capsys):
+    """A loader worker's error came back with the worker's whole traceback as its message, and named no file."""
+    import shutil
+
+    broken = tmp_path / "imgs"
+    shutil.copytree(folder, broken)
+    (broken / "dog" / "3.png").write_bytes((folder / "dog" / "3.png").read_bytes()[:100])
+    err = _fails([*RESNET, "--data", str(broken), "--num-classes", "2", "--workers", str(workers),
+                  "--batch-size", "80", "--out", str(tmp_path / "o.pt")], capsys)  # fmt: skip
+    assert err == (
+        f"gaaf-patch: error: cannot read the image {broken / 'dog' / '3.png'} (OSError: image file is truncated); "
+        "replace or remove it\n"
+    )
 
 
 def test_bad_inputs_are_one_line_saying_what_to_do(tmp_path, capsys):
