@@ -42,7 +42,7 @@ def add_parser(sub: Subparsers) -> None:
     p.add_argument(
         "--hf", action="store_true",
         help="every transformers model type with a base model class, shrunk config, random weights (checks: eval "
-        f"bit-identical, audit clean, train deterministic, save_pretrained/from_pretrained; target {HF_TARGET:.0%})",
+        f"bit-identical, audit clean, train deterministic, save_pretrained/from_pretrained; target {HF_TARGET:.0%}%)",
     )  # fmt: skip
     p.add_argument(
         "--models", type=_names, metavar="A,B", help="only these models (timm names, tv:NAME; --hf: bert,gpt2)"

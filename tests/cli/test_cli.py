@@ -235,6 +235,14 @@ def test_argparse_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> Non
     assert "patch" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("command", ["patch", "finetune", "repro", "coverage", "kernels"])
+def test_every_subcommand_prints_its_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """argparse %-formats help strings when it prints them: a bare % crashed `gaaf-patch coverage --help`."""
+    assert main([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: ") and command in out.splitlines()[0]
+
+
 def test_out_into_a_missing_directory_exits_2_before_patching(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
