@@ -11,8 +11,9 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
 TIMEOUT_S = 120
 # Scripts that need an optional dependency (skipped without it) or more time than the others.
-NEEDS = {"08_hf_trainer.py": "transformers"}
-TIMEOUTS = {"08_hf_trainer.py": 300}  # transformers' import and Trainer's set-up, on a shared CI core
+NEEDS = {"08_hf_trainer.py": "transformers", "10_hf_trainer_distributed.py": "transformers"}
+# transformers' import and Trainer's set-up, on a shared CI core
+TIMEOUTS = {"08_hf_trainer.py": 300, "10_hf_trainer_distributed.py": 300}
 
 
 def test_examples_found():
