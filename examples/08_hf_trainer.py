@@ -60,10 +60,7 @@ def main() -> None:
             logging_strategy="no",
             use_cpu=True,
             disable_tqdm=True,
-            seed=0,
-            # Trainer drops dataset columns the forward's signature does not name; the patched forward (run-time
-            # scope) shows (*args, **kwargs) until it forwards the original signature, so keep every column
-            remove_unused_columns=False,
+            seed=0,  # Trainer keeps the columns the forward names: the patched forward shows the original signature
         )
         before = _loss(model, held_out)
         Trainer(model=model, args=args, train_dataset=train).train()
