@@ -95,6 +95,7 @@ def report(model: nn.Module) -> Report:
             rep.runtime.append(scope.describe())
             rep.stripped.extend(scope.stripped.values())
             rep.skipped.extend(scope.skipped.values())
+            rep.unreached.extend(getattr(scope, "unreached", {}).values())
     record = model.__dict__.get(RECORD_ATTR)
     if record is not None:
         rep.stripped.extend(record.stripped)

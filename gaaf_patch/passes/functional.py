@@ -6,7 +6,9 @@ module's code. A module that cannot be traced is a leaf for its parent and gets 
 failure stays local, as with modelopt's RobustTracer, and its source is scanned so that a possible site is reported
 as unreached instead of ignored. The graphs are rewritten by :class:`.rewriter.Rewriter`; a module with something
 rewritten gets a :class:`.runtime.PatchedForward` (the generated code, traced in train and in eval mode when the
-two differ) as its instance ``forward``. The class, its other methods and attributes stay.
+two differ) as its instance ``forward``. The class, its other methods and attributes stay. A module with nothing to
+rewrite in its trace gets one too when its source holds a site no graph does (a branch the trace froze shut at an
+optional argument's default): calls the trace did not see then run under a run-time scope.
 
 Besides rewriting, the pass leaves what the traces showed in the context: the gates (for the ``modules`` pass),
 how often each child is called (for ``budget``), and the training graphs (for ``fuse``).
@@ -19,10 +21,11 @@ from torch import fx, nn
 from ..modules import GAAF, refuse_script
 from . import probe, targets, tracer
 from .context import Context
+from .gates import GLU_MODULES, GLU_REASON
 from .result import PatchPassResult
 from .rewriter import Rewriter
 from .runtime import PatchedForward, _ModuleRef, patched_methods, python_code
-from .scope import RuntimeScope, needs_scope, scopes
+from .scope import EXTRA_SUSPECTS, RuntimeScope, needs_scope, scopes
 from .tracer import CONSTANTS_ATTR, SELF_ATTR, is_builtin
 
 # PatchedForward and _ModuleRef are named here too: models pickled before the runtime forward had its own module
@@ -42,6 +45,9 @@ def run(ctx: Context) -> PatchPassResult:
     totals = {"activations": 0, "dropout": 0, "methods": 0}
     before = ctx.scopes
     for fqn, module in list(ctx.root.named_modules()):
+        if isinstance(module, GLU_MODULES):  # a gate with no GAAF form: said so, for the audit to explain
+            ctx.unreach(fqn, "module", type(module).__name__, GLU_REASON)
+            continue
         if is_builtin(module) or targets.module_form(module) is not None or "forward" in module.__dict__:
             continue
         if probe.looks_like_activation(module) and not list(module.children()):
@@ -98,7 +104,11 @@ def _rewrite(
     changed = {mode: rewriter.rewrite(g) for mode, g in graphs.items()}
     ctx.unreached.extend(rewriter.unreached.values())
     ctx.graphs.append((fqn, module, graphs[True]))
-    if not any(changed.values()):
+    # Nothing to rewrite in the code the trace saw; but calls the trace did not see (other arguments, other attribute
+    # values) may run sites it did not (a branch on an optional argument): the module keeps its traced code for
+    # the calls it saw, and gets a run-time scope for the others (PatchedForward does both).
+    hidden = [] if any(changed.values()) else tracer.untraced_sites(module, method, graphs, EXTRA_SUSPECTS)
+    if not any(changed.values()) and not hidden:
         module.__dict__.pop(CONSTANTS_ATTR, None)
         return {}
     for key, value in module.__dict__.pop(CONSTANTS_ATTR, {}).items():
@@ -113,7 +123,7 @@ def _rewrite(
         module, fqn, codes, required, rewriter.added, method, ctx.config, ctx.filter_fn
     )
     ctx.stripped.extend(rewriter.stripped.values())
-    return {**rewriter.counts(), "methods": 1}
+    return {**rewriter.counts(), "methods": 0 if hidden else 1}
 
 
 def _note_calls(ctx: Context, fqn: str, graph: fx.Graph) -> None:

@@ -15,6 +15,10 @@ in between (an add, a conv, a reduction) means the value is used as a signal, an
 
 The patch passes (module gates in traced code, function and method sites) and the Dynamo backend use this one
 function; so does ``gaaf_patch.coverage`` when it decides whether an activation left in a graph is a gate.
+
+A gated linear unit (``nn.GLU``, ``F.glu``: ``a * sigmoid(b)`` over two halves of its input) is a gate by
+construction, one op: it has no GAAF form (its sigmoid is not a nonlinearity in the signal path). The passes report
+each one as unreached with :data:`GLU_REASON`, so that ``gaaf_patch.audit`` explains the ``aten.glu`` it sees.
 """
 
 from __future__ import annotations
@@ -22,9 +26,20 @@ from __future__ import annotations
 import operator
 
 import torch
-from torch import fx
+import torch.nn.functional as F
+from torch import fx, nn
 
-__all__ = ["reaches_mul", "MAX_DEPTH", "MUL_FUNCTIONS", "MUL_METHODS", "PASSTHROUGH_FUNCTIONS", "PASSTHROUGH_METHODS"]
+__all__ = [
+    "reaches_mul",
+    "GLU_FUNCTIONS",
+    "GLU_MODULES",
+    "GLU_REASON",
+    "MAX_DEPTH",
+    "MUL_FUNCTIONS",
+    "MUL_METHODS",
+    "PASSTHROUGH_FUNCTIONS",
+    "PASSTHROUGH_METHODS",
+]
 
 MUL_FUNCTIONS = frozenset({operator.mul, operator.imul, torch.mul})
 MUL_METHODS = frozenset({"mul", "mul_"})
@@ -35,6 +50,10 @@ PASSTHROUGH_METHODS = frozenset({
 })  # fmt: skip
 PASSTHROUGH_FUNCTIONS = frozenset({torch.reshape, torch.flatten, torch.unsqueeze, torch.squeeze, operator.getitem})
 MAX_DEPTH = 8  # passthrough ops between the activation and the multiplication
+
+GLU_FUNCTIONS = frozenset({F.glu, torch._C._nn.glu})
+GLU_MODULES: tuple[type, ...] = (nn.GLU,)
+GLU_REASON = "no GAAF form: a gated linear unit (a * sigmoid(b)) is a gate, not an activation"
 
 
 def _is(node: fx.Node, functions: frozenset, methods: frozenset) -> bool:

@@ -20,7 +20,7 @@ from .. import activations as _acts
 from ..modules import Site
 from . import targets
 from .context import Context
-from .gates import reaches_mul
+from .gates import GLU_FUNCTIONS, GLU_REASON, reaches_mul
 
 __all__ = ["Rewriter"]
 
@@ -89,6 +89,8 @@ class Rewriter:
         for node in list(graph.nodes):
             if node.op == "call_module":
                 self._note_gate(node)
+            elif node.op == "call_function" and node.target in GLU_FUNCTIONS:
+                self._glu(node)
             elif node.op in ("call_function", "call_method"):
                 n_changed += self._activation(graph, node) or self._dropout(graph, node)
         if n_changed:
@@ -104,6 +106,12 @@ class Rewriter:
         form = targets.module_form(child)
         if form is not None and _acts.get(form.activation).gate_like and reaches_mul(node):
             self.ctx.gates.add(f"{self.fqn}.{target}" if self.fqn else target)
+
+    def _glu(self, node: fx.Node) -> None:
+        """A GLU is a gate with no GAAF form: left as it is, and said so (the audit sees ``aten.glu`` run)."""
+        name = self.site_name(node)
+        label = f"torch.nn.functional.{getattr(node.target, '__name__', node.target)}"
+        self.unreached[name] = {"name": name, "form": "function", "target": label, "reason": GLU_REASON}
 
     def _activation(self, graph: fx.Graph, node: fx.Node) -> int:
         if node.op == "call_function":

@@ -13,7 +13,10 @@ runs the class's own code under a ``TorchFunctionMode`` that rewrites, as they h
 
 Only the module's own code is rewritten: a call is taken when the innermost module running it is the scope's module
 (the nearest ``Module._call_impl`` frame), so children, GAAF modules included, and other patched modules are left
-as they are. Gate-like activations (sigmoid, hardsigmoid) are left alone in ``activations="auto"``: without a graph
+as they are. An activation module that is not in the module's tree (made at each call, as transformers'
+``ACT2FN[name](x)`` inside Mamba's helpers) is the calling code's: its op is the module's site, or, when the op is not
+the module's own family (a composite such as FastGELU's inner tanh), reported unreached. A GLU (``F.glu``) is a gate
+with no GAAF form: left alone and reported unreached. Gate-like activations (sigmoid, hardsigmoid) are left alone in ``activations="auto"``: without a graph
 one cannot tell whether the output multiplies; they are recorded as skipped, and the audit sees them run.
 
 Sites are named ``<module>:<file>:<line>`` of the calling code, and appear in ``gaaf_patch.report`` once they ran.
@@ -34,6 +37,7 @@ from .. import activations as _acts
 from ..config import PatchConfig
 from ..modules import GAAF, Site
 from . import targets
+from .gates import GLU_FUNCTIONS, GLU_REASON
 
 __all__ = ["RuntimeScope", "scopes"]
 
@@ -43,16 +47,47 @@ _METHOD_FORMS = {getattr(torch.Tensor, name): form for name, form in targets.MET
 _ACTIVATIONS: dict[Any, targets.FnForm] = {**targets.FUNCTIONS, **_METHOD_FORMS}
 
 
-def _caller(frame: Any) -> tuple[Any, Any]:
-    """(innermost module running the call, the first frame outside torch) from the frame that made it."""
-    site = None
+def _caller(frame: Any, scope: RuntimeScope | None = None) -> tuple[Any, Any, Any]:
+    """(innermost module running the call, the first frame outside torch, the activation module made on the fly
+    that ran it or None) from the frame that made it.
+
+    An activation module that is not in ``scope``'s module tree (transformers' ``ACT2FN["silu"](x)`` makes a new one
+    at each call, inside a helper of Mamba's mixer) is code of the module that called it: it is skipped, and the
+    site is named after the line that called it."""
+    site = made = None
     while frame is not None:
         if site is None and not frame.f_code.co_filename.startswith(_TORCH_DIR):
             site = frame
         if frame.f_code is _CALL_IMPL:
-            return frame.f_locals.get("self"), site
+            owner = frame.f_locals.get("self")
+            if scope is None or owner is scope.module or scope.foreign_activation(owner) is None:
+                return owner, site, made
+            made, site = owner, None
         frame = frame.f_back
-    return None, site
+    return None, site, made
+
+
+_families: dict[Any, str | None] = {}
+
+
+def _activation_family(module: nn.Module) -> str | None:
+    """``targets.module_form(module).activation``, cached by class and plain attributes: a module made at each call
+    would be probed at each call. The probe runs outside every mode (the audit's included): it is no model code."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    try:
+        key: Any = (type(module), tuple(sorted((k, v) for k, v in module.__dict__.items() if not k.startswith("_"))))
+        hash(key)
+    except TypeError:
+        key = None
+    if key is not None and key in _families:
+        return _families[key]
+    with _disable_current_modes(), torch._C.DisableTorchFunction():
+        form = targets.module_form(module)
+    family = form.activation if form is not None else None
+    if key is not None:
+        _families[key] = family
+    return family
 
 
 class _Rewrite(TorchFunctionMode):
@@ -64,14 +99,25 @@ class _Rewrite(TorchFunctionMode):
         kwargs = kwargs or {}
         scope = self.scope
         form = _ACTIVATIONS.get(func)
+        glu = func in GLU_FUNCTIONS
         dropout = scope.config.strip_dropout and (func in targets.DROPOUT_FUNCTIONS or func is targets.SDPA)
-        if form is None and not dropout:
+        if form is None and not dropout and not glu:
             return func(*args, **kwargs)
-        owner, frame = _caller(sys._getframe(1))
+        owner, frame, made = _caller(sys._getframe(1), scope)
         if owner is not scope.module:
             return func(*args, **kwargs)
         where = f"{Path(frame.f_code.co_filename).stem}:{frame.f_lineno}" if frame is not None else "?"
         name = f"{scope.fqn or '<root>'}:{where}"
+        label = f"{getattr(func, '__module__', None) or 'torch'}.{getattr(func, '__name__', func)}"
+        if glu:  # a gate with no GAAF form: left alone, said so
+            scope.unreach(name, label, GLU_REASON)
+            return func(*args, **kwargs)
+        if made is not None and (form is None or scope.foreign_activation(made) != form.activation):
+            # a composite made on the fly (FastGELU's tanh): GAAF on an op inside it would be the wrong family
+            if form is not None:
+                why = f"an op inside {type(made).__name__}, an activation module made during the call: no GAAF site"
+                scope.unreach(name, label, why)
+            return func(*args, **kwargs)
         if form is not None:
             return scope.activation(func, form, name, args, kwargs)
         return scope.dropout(func, name, args, kwargs)
@@ -95,6 +141,8 @@ class RuntimeScope:
         self.added: dict[str, str] = {}  # site name -> GAAF child attribute
         self.stripped: dict[str, dict[str, Any]] = {}
         self.skipped: dict[str, dict[str, Any]] = {}
+        self.unreached: dict[str, dict[str, Any]] = {}  # sites seen that have no GAAF form (GLU)
+        self._tree: set[int] = set()  # ids of the module's subtree, refreshed when a lookup misses
 
     @property
     def __signature__(self) -> Any:
@@ -105,6 +153,25 @@ class RuntimeScope:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         with _Rewrite(self):
             return getattr(type(self.module), self.method)(self.module, *args, **kwargs)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("unreached", {})  # pickled before these existed
+        state.setdefault("_tree", set())
+        self.__dict__.update(state)
+
+    def foreign_activation(self, module: Any) -> str | None:
+        """The family of ``module`` when it is an activation module made outside this module's tree (on the fly, by
+        the code this scope runs): its op is then this module's site. None for anything else."""
+        if not isinstance(module, nn.Module) or isinstance(module, GAAF) or id(module) in self._tree:
+            return None
+        family = _activation_family(module)
+        if family is None:
+            return None
+        self._tree = {id(m) for m in self.module.modules()}  # a child added since the last look is no stranger
+        return None if id(module) in self._tree else family
+
+    def unreach(self, name: str, target: str, reason: str) -> None:
+        self.unreached.setdefault(name, {"name": name, "form": "runtime", "target": target, "reason": reason})
 
     # ------------------------------------------------------------------------------------------- the rewrites
     def _allowed(self, name: str) -> bool:
@@ -178,6 +245,7 @@ class RuntimeScope:
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
+        state["_tree"] = set()  # ids: meaningless in another process or copy
         try:  # a lambda filter cannot travel; the sites it allowed so far are already children
             import pickle
 
@@ -202,8 +270,8 @@ def scopes(module: nn.Module) -> list[RuntimeScope]:
 # ``_SCAN_DEPTH``; in their code only calls named like a site count (a callback they call is their caller's). A site
 # the scan misses still shows: gaaf_patch.audit lists it as a silent miss.
 _SCAN_DEPTH = 3
-_EXTRA_SUSPECTS = frozenset(
-    {"scaled_dot_product_attention", "dropout1d", "dropout2d", "dropout3d", "feature_alpha_dropout", "dropout_"}
+EXTRA_SUSPECTS = frozenset(
+    {"scaled_dot_product_attention", "dropout1d", "dropout2d", "dropout3d", "feature_alpha_dropout", "dropout_", "glu"}
 )
 _scan_cache: dict[Any, bool] = {}
 
@@ -232,7 +300,7 @@ def _may_hold_sites(fn: Any, module: nn.Module | None, depth: int) -> bool:
     except (OSError, TypeError, SyntaxError):
         _scan_cache[key] = True
         return True
-    suspects = targets.SUSPECT_NAMES | _EXTRA_SUSPECTS
+    suspects = targets.SUSPECT_NAMES | EXTRA_SUSPECTS
     found = False
     top = tree.body[0] if tree.body else tree
     body = top.body if isinstance(top, (ast.FunctionDef, ast.AsyncFunctionDef)) else [top]  # not the decorators
@@ -260,6 +328,8 @@ def _may_hold_sites(fn: Any, module: nn.Module | None, depth: int) -> bool:
                     found = module is not None  # in the module's own code; a helper's callbacks are its caller's
                 elif inspect.isfunction(target):
                     found = depth > 0 and _may_hold_sites(target, None, depth - 1)
+        elif isinstance(f, ast.Subscript) and isinstance(f.value, ast.Name) and f.value.id in fn.__globals__:
+            found = True  # a module-level table of functions or classes (transformers' ``ACT2FN[name](x)``)
         else:  # a call on a subscript or a call's result (a table of functions), in the module's own code
             found = module is not None
         if found:
