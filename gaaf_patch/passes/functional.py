@@ -21,7 +21,7 @@ from torch import fx, nn
 from ..modules import GAAF, refuse_script
 from . import probe, targets, tracer
 from .context import Context
-from .gates import GLU_MODULES, GLU_REASON
+from .gates import GLU_MODULES, glu_skip
 from .result import PatchPassResult
 from .rewriter import Rewriter
 from .runtime import PatchedForward, _ModuleRef, patched_methods, python_code
@@ -46,7 +46,8 @@ def run(ctx: Context) -> PatchPassResult:
     before = ctx.scopes
     for fqn, module in list(ctx.root.named_modules()):
         if isinstance(module, GLU_MODULES):  # a gate with no GAAF form: said so, for the audit to explain
-            ctx.unreach(fqn, "module", type(module).__name__, GLU_REASON)
+            if all(s["name"] != fqn for s in ctx.skipped):
+                ctx.skipped.append(glu_skip(fqn))
             continue
         if is_builtin(module) or targets.module_form(module) is not None or "forward" in module.__dict__:
             continue

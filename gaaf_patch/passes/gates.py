@@ -17,8 +17,9 @@ The patch passes (module gates in traced code, function and method sites) and th
 function; so does ``gaaf_patch.coverage`` when it decides whether an activation left in a graph is a gate.
 
 A gated linear unit (``nn.GLU``, ``F.glu``: ``a * sigmoid(b)`` over two halves of its input) is a gate by
-construction, one op: it has no GAAF form (its sigmoid is not a nonlinearity in the signal path). The passes report
-each one as unreached with :data:`GLU_REASON`, so that ``gaaf_patch.audit`` explains the ``aten.glu`` it sees.
+construction, one op: it has no GAAF form (its sigmoid is not a nonlinearity in the signal path). The passes list
+each one in ``report(model).skipped`` (:func:`glu_skip`), as other gates, so that ``gaaf_patch.audit`` explains the
+``aten.glu`` it sees; like other gates it raises no warning.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ __all__ = [
     "GLU_FUNCTIONS",
     "GLU_MODULES",
     "GLU_REASON",
+    "glu_skip",
     "MAX_DEPTH",
     "MUL_FUNCTIONS",
     "MUL_METHODS",
@@ -53,7 +55,12 @@ MAX_DEPTH = 8  # passthrough ops between the activation and the multiplication
 
 GLU_FUNCTIONS = frozenset({F.glu, torch._C._nn.glu})
 GLU_MODULES: tuple[type, ...] = (nn.GLU,)
-GLU_REASON = "no GAAF form: a gated linear unit (a * sigmoid(b)) is a gate, not an activation"
+GLU_REASON = "gate: a gated linear unit (a * sigmoid(b)) has no GAAF form"
+
+
+def glu_skip(name: str) -> dict[str, str]:
+    """The ``skipped`` entry of a GLU site (a gate left alone on purpose, as the report lists gates)."""
+    return {"name": name, "activation": "glu", "reason": GLU_REASON}
 
 
 def _is(node: fx.Node, functions: frozenset, methods: frozenset) -> bool:

@@ -20,7 +20,7 @@ from .. import activations as _acts
 from ..modules import Site
 from . import targets
 from .context import Context
-from .gates import GLU_FUNCTIONS, GLU_REASON, reaches_mul
+from .gates import GLU_FUNCTIONS, glu_skip, reaches_mul
 
 __all__ = ["Rewriter"]
 
@@ -110,8 +110,8 @@ class Rewriter:
     def _glu(self, node: fx.Node) -> None:
         """A GLU is a gate with no GAAF form: left as it is, and said so (the audit sees ``aten.glu`` run)."""
         name = self.site_name(node)
-        label = f"torch.nn.functional.{getattr(node.target, '__name__', node.target)}"
-        self.unreached[name] = {"name": name, "form": "function", "target": label, "reason": GLU_REASON}
+        if all(s["name"] != name for s in self.ctx.skipped):
+            self.ctx.skipped.append(glu_skip(name))
 
     def _activation(self, graph: fx.Graph, node: fx.Node) -> int:
         if node.op == "call_function":

@@ -16,7 +16,7 @@ Only the module's own code is rewritten: a call is taken when the innermost modu
 as they are. An activation module that is not in the module's tree (made at each call, as transformers'
 ``ACT2FN[name](x)`` inside Mamba's helpers) is the calling code's: its op is the module's site, or, when the op is not
 the module's own family (a composite such as FastGELU's inner tanh), reported unreached. A GLU (``F.glu``) is a gate
-with no GAAF form: left alone and reported unreached. Gate-like activations (sigmoid, hardsigmoid) are left alone in ``activations="auto"``: without a graph
+with no GAAF form: left alone and listed as skipped. Gate-like activations (sigmoid, hardsigmoid) are left alone in ``activations="auto"``: without a graph
 one cannot tell whether the output multiplies; they are recorded as skipped, and the audit sees them run.
 
 Sites are named ``<module>:<file>:<line>`` of the calling code, and appear in ``gaaf_patch.report`` once they ran.
@@ -24,6 +24,7 @@ Sites are named ``<module>:<file>:<line>`` of the calling code, and appear in ``
 
 from __future__ import annotations
 
+import inspect
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -37,7 +38,7 @@ from .. import activations as _acts
 from ..config import PatchConfig
 from ..modules import GAAF, Site
 from . import targets
-from .gates import GLU_FUNCTIONS, GLU_REASON
+from .gates import GLU_FUNCTIONS, glu_skip
 
 __all__ = ["RuntimeScope", "scopes"]
 
@@ -110,7 +111,7 @@ class _Rewrite(TorchFunctionMode):
         name = f"{scope.fqn or '<root>'}:{where}"
         label = f"{getattr(func, '__module__', None) or 'torch'}.{getattr(func, '__name__', func)}"
         if glu:  # a gate with no GAAF form: left alone, said so
-            scope.unreach(name, label, GLU_REASON)
+            scope.skipped.setdefault(name, glu_skip(name))
             return func(*args, **kwargs)
         if made is not None and (form is None or scope.foreign_activation(made) != form.activation):
             # a composite made on the fly (FastGELU's tanh): GAAF on an op inside it would be the wrong family
@@ -273,50 +274,72 @@ _SCAN_DEPTH = 3
 EXTRA_SUSPECTS = frozenset(
     {"scaled_dot_product_attention", "dropout1d", "dropout2d", "dropout3d", "feature_alpha_dropout", "dropout_", "glu"}
 )
-_scan_cache: dict[Any, bool] = {}
+_scan_cache: dict[Any, bool] = {}  # (method's code, module class) -> needs_scope's answer
+_body_cache: dict[Any, list[Any] | None] = {}  # code -> the AST nodes of its body (None: no source)
 
 
 def needs_scope(module: nn.Module, method: str = "forward") -> bool:
-    """Whether ``method``'s code (and the helpers it calls) may run an activation or dropout call of its own."""
-    return _may_hold_sites(getattr(type(module), method, None), module, _SCAN_DEPTH)
+    """Whether ``method``'s code (and the helpers it calls) may run an activation or dropout call of its own.
+
+    The answer depends only on the code and the module's class, so it is cached by both; the scan below it is not
+    (a helper reached from two places, or two helpers calling each other, would otherwise keep the answer of
+    whichever scan reached it first: a recursion cut short, or a smaller depth)."""
+    fn = getattr(type(module), method, None)
+    key = (getattr(inspect.unwrap(fn) if callable(fn) else fn, "__code__", None), type(module))
+    if key[0] is None:
+        return True
+    if key not in _scan_cache:
+        _scan_cache[key] = _may_hold_sites(fn, module, _SCAN_DEPTH, set())
+    return _scan_cache[key]
 
 
-def _may_hold_sites(fn: Any, module: nn.Module | None, depth: int) -> bool:
+def _body(fn: Any) -> list[Any] | None:
+    """Every AST node in ``fn``'s body (not its decorators), parsed once per code object; None without source."""
+    import ast
+    import textwrap
+
+    code = fn.__code__
+    if code not in _body_cache:
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+        except (OSError, TypeError, SyntaxError):
+            _body_cache[code] = None
+        else:
+            top = tree.body[0] if tree.body else tree
+            body = top.body if isinstance(top, (ast.FunctionDef, ast.AsyncFunctionDef)) else [top]
+            _body_cache[code] = [n for stmt in body for n in ast.walk(stmt)]
+    return _body_cache[code]
+
+
+def _may_hold_sites(fn: Any, module: nn.Module | None, depth: int, seen: set[Any]) -> bool:
+    """One scan: ``seen`` holds the functions on the current path (a cycle adds nothing it has not already)."""
     import ast
     import builtins
-    import inspect
-    import textwrap
 
     fn = inspect.unwrap(fn) if callable(fn) else fn
     code = getattr(fn, "__code__", None)
     if code is None:
         return True  # not Python code we can read: assume the worst
-    key = (code, id(type(module)) if module is not None else None)
-    if key in _scan_cache:
-        return _scan_cache[key]
-    _scan_cache[key] = False  # recursion guard
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
-    except (OSError, TypeError, SyntaxError):
-        _scan_cache[key] = True
+    if code in seen:
+        return False  # on the current path: what it holds is being scanned already
+    nodes = _body(fn)
+    if nodes is None:
         return True
+    seen = seen | {code}
     suspects = targets.SUSPECT_NAMES | EXTRA_SUSPECTS
-    found = False
-    top = tree.body[0] if tree.body else tree
-    body = top.body if isinstance(top, (ast.FunctionDef, ast.AsyncFunctionDef)) else [top]  # not the decorators
-    nodes = [n for stmt in body for n in ast.walk(stmt)]
     children = _names_bound_to_self(nodes)  # `for layer in self.layers: layer(x)`: a child module, not a site
     for node in nodes:
         if not isinstance(node, ast.Call):
             continue
         f = node.func
+        found = False
         if isinstance(f, ast.Attribute):
             if f.attr in suspects:
                 found = True
             elif isinstance(f.value, ast.Name) and f.value.id == "self" and module is not None:
                 attr = inspect.getattr_static(type(module), f.attr, None)
                 if inspect.isfunction(attr) and depth > 0:  # a helper method: its code is this module's too
-                    found = _may_hold_sites(attr, module, depth - 1)
+                    found = _may_hold_sites(attr, module, depth - 1, seen)
         elif isinstance(f, ast.Name):
             if f.id in suspects:
                 found = True
@@ -327,15 +350,14 @@ def _may_hold_sites(fn: Any, module: nn.Module | None, depth: int) -> bool:
                 if target is None:  # a local variable holding a function: cannot follow
                     found = module is not None  # in the module's own code; a helper's callbacks are its caller's
                 elif inspect.isfunction(target):
-                    found = depth > 0 and _may_hold_sites(target, None, depth - 1)
+                    found = depth > 0 and _may_hold_sites(target, None, depth - 1, seen)
         elif isinstance(f, ast.Subscript) and isinstance(f.value, ast.Name) and f.value.id in fn.__globals__:
             found = True  # a module-level table of functions or classes (transformers' ``ACT2FN[name](x)``)
         else:  # a call on a subscript or a call's result (a table of functions), in the module's own code
             found = module is not None
         if found:
-            break
-    _scan_cache[key] = found
-    return found
+            return True
+    return False
 
 
 def _names_bound_to_self(nodes: list[Any]) -> set[str]:

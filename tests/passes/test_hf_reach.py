@@ -75,12 +75,14 @@ class ModuleGLU(nn.Module):  # Wav2Vec2ConformerConvolutionModule: nn.GLU as a c
 
 
 @pytest.mark.parametrize("cls", [ConvGLU, KwargsGLU, ModuleGLU])
-def test_glu_is_reported_unreached_and_the_audit_explains_it(cls):
+def test_glu_is_listed_as_a_skipped_gate_and_the_audit_explains_it(cls, recwarn):
     x = torch.randn(2, 4, 8)
     _plain, model = _patched(nn.Sequential(cls()), x)
     assert _silent(model, x) == []
-    glu = [u for u in gaaf.report(model).unreached if u["reason"] == GLU_REASON]
-    assert len(glu) == 1, gaaf.report(model).unreached
+    rep = gaaf.report(model)
+    glu = [s for s in rep.skipped if s["reason"] == GLU_REASON]
+    assert len(glu) == 1 and glu[0]["activation"] == "glu", rep.skipped
+    assert rep.unreached == [] and not [w for w in recwarn if "could not be patched" in str(w.message)]  # a gate
     found = [f for f in audit(model, x).findings if f.op in ("aten.glu", "aten.glu_backward")]
     assert {f.op for f in found} == {"aten.glu", "aten.glu_backward"}  # it runs, untouched, explained
     assert all(f.explained and "gated linear unit" in f.explained for f in found)
