@@ -5,9 +5,25 @@ matters to a patch and ran outside GAAF:
 
 - native activation ops, forward (``aten.gelu``, ``aten.tanh_``, ...) and backward (``aten.gelu_backward``,
   ``aten.threshold_backward`` for ReLU, ...): an activation GAAF did not reach;
-- random ops (every op PyTorch tags ``nondeterministic_seeded``: ``bernoulli``, ``native_dropout``, ``rand_like``,
-  ``rrelu_with_noise``, attention kernels with ``dropout_p > 0``, ...), except the ones the arguments make
-  deterministic (``p=0``, ``train=False``): a dropout ``strip_dropout`` did not reach, or noise the model adds.
+- random ops (every op PyTorch tags ``nondeterministic_seeded``), except the ones the arguments make deterministic
+  (``p=0``, ``train=False``), in two kinds, by one rule:
+
+  - ``random``: *dropout-like*: an op that draws a keep/drop mask (``bernoulli``, ``native_dropout``, fused
+    dropout, attention kernels with ``dropout_p > 0``, ``rrelu_with_noise``, any seeded op not listed below), or a
+    uniform draw (:data:`UNIFORM`: ``rand``, ``rand_like``, ``uniform_``) whose values, directly or through ops on
+    that tensor alone (``* p``, ``.view``, ``.uniform_``), are *compared* (``<``, ``>``, ``<=``, ``>=``):
+    ``torch.rand(n) < p`` is a keep/drop mask with probability ``p`` (a custom dropout, a LayerDrop), and is found as
+    such. (A Gaussian sample compared with a bound, as in VITS's spline flows, is a sample, not a mask.) A dropout
+    ``strip_dropout`` did not reach, unless the report explains it.
+  - ``draw``: a sampling draw (:data:`SAMPLING`: ``rand``, ``randn``, ``uniform_``, ``exponential_``, ``randint``,
+    ``multinomial``, ...) whose values are used as data, never compared: a VAE's ``randn_like``, ViT-MAE's random
+    masking (``rand`` then ``argsort``), Gumbel noise, a vocoder's noise input. Random sampling that is part of the
+    model, not dropout: explained as "random draw kept (part of the model)", listed with its module and op. The
+    audit cannot tell such sampling from noise injected as a regularizer; the known regularizers with a knob are
+    turned off by ``strip_dropout`` (:mod:`gaaf_patch.passes.noise`) and then draw nothing.
+
+  Randomness outside PyTorch (numpy, Python's ``random``) is invisible here: the report lists what it knows of it
+  (SpecAugment under ``kept``; Python-random LayerDrop zeroed under ``stripped``).
 
 Each op is attributed to the innermost module running it: in forward by a module stack kept by global forward
 hooks, in backward by the module that created the autograd node (each module's nodes are tagged when its forward
@@ -15,9 +31,10 @@ returns). GAAF's own ops (its forward runs the original activation on purpose; i
 are not findings.
 
 Then each finding is checked against :func:`gaaf_patch.report`: it is *explained* when the report lists its site
-as unreached (with the reason), as a gate left alone, or as a dropout kept on purpose (DropPath without
-``strip_droppath``). The rest are *silent misses*: the contract of ``gaaf.patch`` is that there are none, and
-``audit(model, x).ok`` checks it per model.
+as unreached (with the reason), as a gate left alone, as noise kept on purpose (DropPath without
+``strip_droppath``, the ``kept`` rows of :mod:`gaaf_patch.passes.noise`), or as a noise knob turned off whose draw
+still runs and decides nothing; a ``draw`` is otherwise explained as part of the model. The rest are *silent
+misses*: the contract of ``gaaf.patch`` is that there are none, and ``audit(model, x).ok`` checks it per model.
 """
 
 from __future__ import annotations
@@ -31,12 +48,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .draws import SAMPLING, UNIFORM, Draws, Token
 from .errors import GaafError, one_line
 from .models import output_tensors
 from .modules import GAAF
 from .passes.targets import LAYERDROP_ATTRS
 
-__all__ = ["Audit", "Finding", "audit", "ACTIVATION_FORWARD", "ACTIVATION_BACKWARD"]
+__all__ = ["Audit", "Finding", "audit", "ACTIVATION_FORWARD", "ACTIVATION_BACKWARD", "DRAW_KEPT"]
 
 # aten overload packet (in-place underscore dropped) -> activation family, for the forward ops and their backward.
 # relu6, selu and celu reach the dispatcher as hardtanh and elu (they are composite ops).
@@ -53,13 +71,15 @@ ACTIVATION_BACKWARD: dict[str, str] = {
     "hardsigmoid_backward": "hardsigmoid", "hardswish_backward": "hardswish", "_prelu_kernel_backward": "prelu",
     "rrelu_with_noise_backward": "rrelu", "glu_backward": "glu",
 }  # fmt: skip
+DRAW_KEPT = "random draw kept (part of the model): its values are used as data, never compared into a mask"
 _NODE_KEY = "gaaf_audit_module"
 _GAAF_BACKWARD = "GAAFFunctionBackward"
 
 
 @dataclass(frozen=True)
 class Finding:
-    """One kind of op that ran outside GAAF in one module: ``kind`` is ``activation`` or ``random``."""
+    """One kind of op that ran outside GAAF in one module: ``kind`` is ``activation``, ``random`` (dropout-like)
+    or ``draw`` (a sampling draw used as data)."""
 
     module: str  # qualified module name, "" for the root
     kind: str
@@ -104,7 +124,12 @@ class Audit:
         return [f for f in self.findings if f.kind == "activation"]
 
     def randoms(self) -> list[Finding]:
+        """Dropout-like random ops (masks)."""
         return [f for f in self.findings if f.kind == "random"]
+
+    def draws(self) -> list[Finding]:
+        """Sampling draws used as data (random sampling that is part of the model)."""
+        return [f for f in self.findings if f.kind == "draw"]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -146,7 +171,7 @@ def _classify(func: Any, args: tuple, kwargs: dict) -> tuple[str, str, str] | No
     if torch.Tag.nondeterministic_seeded in func.tags:
         if _deterministic(func, args, kwargs):
             return None
-        return "random", name, "forward"
+        return ("draw" if base in SAMPLING else "random"), name, "forward"
     if base in ACTIVATION_FORWARD:
         return "activation", ACTIVATION_FORWARD[base], "forward"
     return None
@@ -163,6 +188,7 @@ class _Recorder(TorchDispatchMode):
         self.in_gaaf = 0
         self.gaaf_calls = 0
         self.counts: Counter = Counter()
+        self.draws = Draws()
         self._hooks: list[Any] = []
 
     # forward: a module stack, and a tag on every autograd node a module creates (innermost module first)
@@ -215,6 +241,7 @@ class _Recorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         hit = _classify(func, args, kwargs)
+        key = None
         if hit is not None:
             kind, family, phase = hit
             node = torch._C._current_autograd_node()
@@ -222,11 +249,18 @@ class _Recorder(TorchDispatchMode):
                 if node.name() != _GAAF_BACKWARD:
                     where, in_gaaf = node.metadata.get(_NODE_KEY, ("", False))
                     if not in_gaaf:
-                        self.counts[(where, kind, f"aten.{func.overloadpacket.__name__}", "backward")] += 1
+                        key = (where, kind, f"aten.{func.overloadpacket.__name__}", "backward")
             elif not self.in_gaaf:
                 where = next((self.names[id(m)] for m in reversed(self.stack) if id(m) in self.names), "")
-                self.counts[(where, kind, f"aten.{func.overloadpacket.__name__}", phase)] += 1
-        return func(*args, **kwargs)
+                key = (where, kind, f"aten.{func.overloadpacket.__name__}", phase)
+            if key is not None:
+                self.counts[key] += 1
+        out = func(*args, **kwargs)
+        if key is not None and key[1] == "draw" and func.overloadpacket.__name__.rstrip("_") in UNIFORM:
+            self.draws.mark(out, [Token(key)])
+        elif self.draws:
+            self.draws.follow(func, args, kwargs, out, self.counts)
+        return out
 
 
 def _tensors(obj: Any) -> list[Tensor]:
@@ -235,7 +269,7 @@ def _tensors(obj: Any) -> list[Tensor]:
     return [t for t in tree_leaves(obj) if isinstance(t, Tensor)]
 
 
-def _explain(module: str, kind: str, rep: Any, modules: set[str]) -> str | None:
+def _explain(module: str, kind: str, op: str, rep: Any, modules: set[str]) -> str | None:
     """Why the report accounts for a finding in ``module``, or None. A report entry names a module (the site is
     that module, and everything inside it) or a site in a module's own code (``<module>.<node>``, or ``<node>`` in
     the root's code), which covers findings in that module's code only."""
@@ -255,14 +289,23 @@ def _explain(module: str, kind: str, rep: Any, modules: set[str]) -> str | None:
             if covers(entry):
                 return entry.get("reason", "skipped")
     for entry in getattr(rep, "kept", []):
-        if covers(entry):
+        # noise kept on purpose (a ``kind``) explains what runs in its module's own code, not in the modules inside
+        if (module == entry["module"]) if entry.get("kind") else covers(entry):
             return entry.get("reason", "kept")
     if kind == "random" and rep.config is not None and not rep.config.get("strip_dropout", False):
         return "dropout kept (strip_dropout=False)"
-    if kind == "random":  # OmniASR draws torch.rand([]) per layer whatever its LayerDrop: zeroed, it decides nothing
+    if kind in ("random", "draw") and op.removeprefix("aten.").rstrip("_") in SAMPLING:
+        # OmniASR draws torch.rand([]) per layer whatever its LayerDrop, DAC its randint whatever its quantizer
+        # dropout: the knob turned off, the draw (in the code of the module that reads the knob) decides nothing
         for entry in rep.stripped:
-            if entry.get("form") == "attribute" and entry.get("target") in LAYERDROP_ATTRS and covers(entry):
-                return f"LayerDrop zeroed (p {entry.get('p')} -> 0): the draw decides nothing"
+            knob = entry.get("knob")
+            if knob is None and entry.get("form") == "attribute" and entry.get("target") in LAYERDROP_ATTRS:
+                knob = entry["target"]  # a record written before knobs were named
+            if knob is not None and (module == entry["module"] if "module" in entry else covers(entry)):
+                kind_name = entry.get("kind", "LayerDrop")
+                return f"{kind_name} off ({knob} {entry.get('p')} -> {entry.get('off', 0.0)}): the draw decides nothing"
+    if kind == "draw":
+        return DRAW_KEPT
     return None
 
 
@@ -291,7 +334,7 @@ def audit(model: nn.Module, *inputs: Any, **kwargs: Any) -> Audit:
         if outs:
             sum(t.float().sum() for t in outs).backward()
     findings = [
-        Finding(where, kind, op, phase, n, _explain(where, kind, rep, modules))
+        Finding(where, kind, op, phase, n, _explain(where, kind, op, rep, modules))
         for (where, kind, op, phase), n in sorted(recorder.counts.items())
     ]
     return Audit(findings, recorder.gaaf_calls)

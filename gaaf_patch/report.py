@@ -24,7 +24,10 @@ __all__ = ["Report", "report"]
 
 @dataclass
 class Report:
-    """One entry per site. ``replaced``: GAAF activations; ``stripped``: dropout removed; ``unreached``: sites the
+    """One entry per site. ``replaced``: GAAF activations; ``stripped``: dropout removed (and training-time noise
+    turned off through its knob, :mod:`gaaf_patch.passes.noise`: such an entry names its ``kind``, e.g. LayerDrop,
+    and its ``knob``); ``kept``: randomness left on purpose, each with its reason (DropPath without ``strip_droppath``;
+    noise with a ``kind``: SpecAugment, sampling by design); ``unreached``: sites the
     passes could not rewrite (each with a reason); ``skipped``: gates left alone on purpose; ``fused``: BatchNorms
     switched to their recomputing twin (same state) so the GAAF ReLU they feed keeps no extra tensor; ``passes``: what
     each pass changed, one entry per pass (name, modified, changed, counts), added up over every ``patch`` call."""
@@ -36,7 +39,7 @@ class Report:
     fused: list[dict[str, Any]] = field(default_factory=list)  # BatchNorms a ReLU site recomputes from (passes/fuse)
     # code fx cannot trace, rewritten as it runs (passes/scope.py): its sites join replaced/stripped once they ran
     runtime: list[dict[str, Any]] = field(default_factory=list)
-    kept: list[dict[str, Any]] = field(default_factory=list)  # random modules left on purpose: DropPath
+    kept: list[dict[str, Any]] = field(default_factory=list)  # randomness left on purpose: DropPath, SpecAugment
     config: dict[str, Any] | None = None
     gradient_scale: dict[str, Any] | None = None  # patched / plain gradient norms, when measured (gradscale.py)
     passes: list[dict[str, Any]] = field(default_factory=list)  # PatchPassResult.to_dict() per pass (passes/result)
@@ -66,6 +69,10 @@ class Report:
         by_act: dict[str, int] = {}
         for r in self.replaced:
             by_act[r["activation"]] = by_act.get(r["activation"], 0) + 1
+        noise: dict[str, int] = {}  # stripped noise by kind (LayerDrop, router jitter, ...), part of ``stripped``
+        for r in self.stripped:
+            if r.get("kind"):
+                noise[r["kind"]] = noise.get(r["kind"], 0) + 1
         return {
             "replaced": len(self.replaced),
             "stripped": len(self.stripped),
@@ -75,6 +82,7 @@ class Report:
             "runtime": len(self.runtime),
             "kept": len(self.kept),
             "by_activation": by_act,
+            "noise": noise,
         }
 
 

@@ -2,8 +2,9 @@
 
 The passes change a model only through its objects' ``__dict__``: a module's registries of children, parameters,
 buffers and hooks (containers kept in ``__dict__``), its instance attributes (``forward``, ``dropout``,
-``activation``, LayerDrop probabilities), its class (the ``fuse`` pass), the fields of run-time scopes and of the
-patch record. None writes into a tensor. So a :class:`Snapshot` is a shallow copy of each reachable object's
+``activation``, noise knobs such as LayerDrop probabilities, ``config`` given a view with a knob off by
+:mod:`.passes.noise`, which never writes into the shared config itself), its class (the ``fuse`` pass), the fields
+of run-time scopes and of the patch record. None writes into a tensor. So a :class:`Snapshot` is a shallow copy of each reachable object's
 ``__dict__`` and of the containers in it, and :meth:`Snapshot.restore` refills those same dicts, sets and lists in
 place (references held elsewhere stay valid) and resets each class. Cost: one dict copy per module, no tensor copied.
 

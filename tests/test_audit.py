@@ -174,4 +174,79 @@ def test_a_draw_against_a_zeroed_layerdrop_is_explained_by_the_report():
     model = gaaf.patch(AlwaysDraws(), strip_dropout=True)
     assert model.layerdrop == 0.0
     (draw,) = audit(model, x).randoms()
-    assert draw.op == "aten.rand" and draw.explained == "LayerDrop zeroed (p 0.5 -> 0): the draw decides nothing"
+    assert draw.op == "aten.rand" and draw.explained == "LayerDrop off (layerdrop 0.5 -> 0.0): the draw decides nothing"
+
+
+class CustomDropout(nn.Module):
+    """A dropout written by hand: a uniform draw, scaled and reshaped, compared with the keep probability."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.fc, self.form = nn.Linear(4, 4), form
+
+    def forward(self, x):
+        x = self.fc(x)
+        if self.form == "rand":
+            keep = torch.rand(x.shape) < 0.9
+        elif self.form == "view":
+            keep = (torch.rand(x.numel()) * 1.0).view(x.shape) >= 0.1
+        else:  # an in-place uniform on an empty tensor
+            keep = torch.empty_like(x).uniform_().gt(0.1)
+        return x * keep
+
+
+@pytest.mark.parametrize("form", ["rand", "view", "uniform"])
+def test_a_custom_dropout_from_a_uniform_draw_is_a_silent_random_finding(form):
+    a = audit(gaaf.patch(CustomDropout(form), strip_dropout=True), torch.randn(2, 4))
+    assert not a.ok and a.draws() == []
+    (f,) = a.randoms()
+    assert f.explained is None and f.op in ("aten.rand", "aten.uniform_")
+
+
+class Sampler(nn.Module):
+    """Random sampling that is the model's: a VAE's reparametrisation, ViT-MAE's random masking (``rand`` then
+    ``argsort``), and a Gaussian compared with a bound (VITS's spline flows): draws, not masks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        z = self.fc(x) + torch.randn_like(x)
+        order = torch.argsort(torch.rand(x.shape[0], x.shape[1]), dim=1)
+        noise = torch.randn(x.shape)
+        inside = (noise > -1) & (noise < 1)
+        return torch.gather(z, 1, order) * inside
+
+
+def test_sampling_draws_are_explained_as_part_of_the_model():
+    from gaaf_patch.audit import DRAW_KEPT
+
+    a = audit(gaaf.patch(Sampler(), strip_dropout=True), torch.randn(2, 4))
+    assert a.ok and a.randoms() == []
+    assert sorted(f.op for f in a.draws()) == ["aten.rand", "aten.randn", "aten.randn_like"]
+    assert {f.explained for f in a.draws()} == {DRAW_KEPT}
+    assert "random draw kept (part of the model)" in str(a)
+
+
+class SpecAugmentAndDropout(nn.Module):
+    """A module that reads a kept knob (SpecAugment) and also runs a dropout in a child the patch cannot see."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = type("Cfg", (), {"mask_time_prob": 0.5, "layerdrop": 0.5})()
+        self.inner = CustomDropout("rand")
+
+    def forward(self, x):
+        if self.training and self.config.layerdrop > 0 and self.config.mask_time_prob > 0:
+            x = x * 1.0
+        return self.inner(x)
+
+
+def test_kept_noise_and_a_stripped_knob_explain_only_their_own_module():
+    model = gaaf.patch(SpecAugmentAndDropout(), strip_dropout=True)
+    rep = gaaf.report(model)
+    assert [k["kind"] for k in rep.kept] == ["SpecAugment"] and rep.summary()["noise"] == {"LayerDrop": 1}
+    a = audit(model, torch.randn(2, 4))
+    (f,) = a.findings
+    assert (f.module, f.kind, f.explained) == ("inner", "random", None)  # still silent: the custom dropout

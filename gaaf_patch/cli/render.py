@@ -76,11 +76,15 @@ def print_report(
     if rep.runtime:
         rows = [(r["name"], r["method"], str(r["sites_seen"]), r["why"]) for r in rep.runtime]
         table("patched at run time (code fx cannot trace)", ("module", "method", "sites so far", "why"), rows)
-    if rep.kept:
-        rates = ", ".join(sorted({format(r["p"], "g") for r in rep.kept}))
+    droppath = [r for r in rep.kept if not r.get("kind")]  # the others: noise kept on purpose (passes/noise.py)
+    if droppath:
+        rates = ", ".join(sorted({format(r["p"], "g") for r in droppath}))
         console.print(
-            f"kept {len(rep.kept)} DropPath (p {rates}); --strip-droppath removes them", soft_wrap=True, markup=False
+            f"kept {len(droppath)} DropPath (p {rates}); --strip-droppath removes them", soft_wrap=True, markup=False
         )
+    for r in rep.kept:
+        if r.get("kind"):
+            console.print(f"kept {r['kind']} at {r['name'] or '<root>'}: {r['reason']}", soft_wrap=True, markup=False)
 
     s = rep.summary()
     acts = ", ".join(f"{k} {v}" for k, v in sorted(s["by_activation"].items()))

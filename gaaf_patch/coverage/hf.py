@@ -8,7 +8,10 @@ strip_dropout=True)``:
 (b) :func:`gaaf_patch.audit.audit` is clean: every activation and random op that ran outside GAAF in one train-mode
 forward and backward is accounted for by the report (a gate, an unreached site with its reason, a DropPath kept);
 (c) the train-mode forward is deterministic: two forwards under different seeds agree bit for bit (DropPath, which
-``strip_dropout`` keeps and the report lists, held in eval mode);
+``strip_dropout`` keeps and the report lists, held in eval mode). A model that keeps randomness on purpose (noise the
+report lists under ``kept``, such as SpecAugment; draws the audit explains as part of the model, such as a VAE's
+sampling) is checked under one seed twice instead (torch, numpy and Python seeded), and its row lists that noise:
+(b) still requires every random op to be explained;
 (d) ``save_pretrained`` of the patched model, then ``from_pretrained`` into the plain class: no missing, unexpected
 or mismatched keys, and the same eval outputs as the unpatched model;
 (e) ``state_dict`` keys unchanged.
@@ -22,16 +25,18 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import random
 import tempfile
 import warnings
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..api import patch
-from ..audit import audit
+from ..audit import DRAW_KEPT, audit
 from ..errors import one_line
 from ..models import output_tensors
 from ..report import report
@@ -47,7 +52,10 @@ SEED = 0
 
 
 def _forward(model: nn.Module, inputs: dict[str, Any], seed: int) -> list[torch.Tensor]:
+    """Outputs under ``seed``: torch's, numpy's and Python's generators all seeded (SpecAugment draws with numpy)."""
     torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
     with torch.no_grad():
         return output_tensors(model(**inputs))
 
@@ -162,11 +170,14 @@ def _patch_and_check(model: nn.Module, inputs: dict[str, Any], ref: list[torch.T
         result.leftover_runtime = [f.to_dict() for f in found.findings]
         if not found.ok:
             problems.append(f"audit: {len(found.silent)} silent: " + "; ".join(f.line() for f in found.silent[:3]))
+    noise = kept_noise(rep, result.leftover_runtime)
     model.train()
     try:
         with droppath_held(model):
             first = _forward(model, inputs, SEED + 2)
-            checks["c_deterministic"] = all_bit_equal(_forward(model, inputs, SEED + 3), first)
+            # noise the report keeps, or draws the audit explains as part of the model: the same seed twice
+            again = _forward(model, inputs, SEED + 2 if noise else SEED + 3)
+            checks["c_deterministic"] = all_bit_equal(again, first)
     except Exception as e:  # noqa: BLE001
         checks["c_deterministic"] = False
         problems.append(f"train mode fails: {_why(e)}")
@@ -174,7 +185,21 @@ def _patch_and_check(model: nn.Module, inputs: dict[str, Any], ref: list[torch.T
     for k in ("a_exact", "c_deterministic", "e_state_dict"):
         if not checks[k]:
             problems.append(_FAILED[k])
+    if noise:
+        problems.append("train-mode determinism checked under one seed: " + "; ".join(noise))
     result.reason = "; ".join(p for p in problems if p)
+
+
+def kept_noise(rep: Any, findings: list[dict[str, Any]]) -> list[str]:
+    """The randomness a patched model keeps on purpose, one line each: the report's kept noise (not DropPath, which
+    the determinism check holds in eval mode) and the audit's draws explained as part of the model."""
+    lines = [f"kept {k['kind']} at {k['name']}" for k in rep.kept if k.get("kind")]
+    lines += [
+        f"random draw kept (part of the model) at {f['module'] or '<root>'}: {f['op']}"
+        for f in findings
+        if f.get("kind") == "draw" and f.get("explained") == DRAW_KEPT
+    ]
+    return lines
 
 
 def _reload(model: nn.Module, inputs: dict[str, Any], ref: list[torch.Tensor]) -> tuple[bool, str]:

@@ -7,7 +7,9 @@
 
 Walks every name a module is registered under, so a module shared by two parents is replaced at both, by one
 replacement. Also handles the attribute forms of torch's own layers: ``nn.MultiheadAttention.dropout`` (a float)
-and ``nn.TransformerEncoderLayer.activation`` (a function).
+and ``nn.TransformerEncoderLayer.activation`` (a function). A dropout module of another library is recognised by its
+class name (SEW-D's ``StableDropout``: :func:`.targets.is_named_dropout`); noise switched by a knob (LayerDrop,
+router jitter, ...) is :mod:`.noise`'s.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from torch import nn
 
 from .. import activations as _acts
 from ..modules import GAAF, Site, StrippedDropout, original_of
-from . import probe, targets
+from . import noise, probe, targets
 from .context import Context, looks_like_activation
 from .result import PatchPassResult
 
@@ -48,10 +50,11 @@ def _entries(root: nn.Module):
 
 def run_dropout(ctx: Context) -> PatchPassResult:
     """The ``dropout`` pass: replace dropout modules (and DropPath when ``strip_droppath``); zero
-    ``MultiheadAttention.dropout``. Counts ``modules`` (a module registered twice counts once) and ``attributes``."""
+    ``MultiheadAttention.dropout`` and the noise knobs of :mod:`.noise`. Counts ``modules`` (a module registered
+    twice counts once) and ``attributes`` (knobs included)."""
     cfg = ctx.config
     done: dict[int, nn.Module] = {}
-    n_attrs = _layerdrop(ctx) if cfg.strip_dropout else 0
+    n_attrs = noise.run(ctx)  # LayerDrop, router jitter, ...: knobs turned off, or listed as kept
     kept: set[int] = set()
     for parent, attr, fqn, child in list(_entries(ctx.root)):
         if isinstance(child, nn.RNNBase) and cfg.strip_dropout and child.dropout:  # between stacked layers
@@ -75,7 +78,9 @@ def run_dropout(ctx: Context) -> PatchPassResult:
             continue
         droppath = targets.is_droppath(child)
         wanted = (cfg.strip_droppath and droppath) or (
-            cfg.strip_dropout and not droppath and isinstance(child, targets.DROPOUT_MODULES)
+            cfg.strip_dropout
+            and not droppath
+            and (isinstance(child, targets.DROPOUT_MODULES) or targets.is_named_dropout(child))
         )
         p = targets.drop_rate(child)
         if droppath and not cfg.strip_droppath and p and id(child) not in kept:
@@ -92,21 +97,6 @@ def run_dropout(ctx: Context) -> PatchPassResult:
         setattr(parent, attr, done[id(child)])
     counts = {"modules": len(done), "attributes": n_attrs}
     return PatchPassResult(DROPOUT_PASS, len(done) + n_attrs, counts, ctx.root)
-
-
-def _layerdrop(ctx: Context) -> int:
-    """Zero Hugging Face's LayerDrop probabilities (a float attribute the forward compares ``torch.rand([])`` with);
-    ``unpatch`` puts them back. Returns how many were set."""
-    n = 0
-    for fqn, module in ctx.root.named_modules():
-        for attr in targets.LAYERDROP_ATTRS:
-            value = module.__dict__.get(attr)
-            if isinstance(value, float) and value > 0 and ctx.allowed(module, fqn):
-                entry = {"name": f"{fqn}.{attr}" if fqn else attr, "form": "attribute", "target": attr, "p": value}
-                ctx.attributes.append((module, attr, value, entry))
-                setattr(module, attr, 0.0)
-                n += 1
-    return n
 
 
 def run_activations(ctx: Context) -> PatchPassResult:

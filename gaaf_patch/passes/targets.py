@@ -7,6 +7,7 @@ serve the eager passes (``torch.fx`` graphs of user modules) and the Dynamo back
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -193,6 +194,26 @@ DROPPATH_MODULES: tuple[type, ...] = _droppath_modules()
 _DROPPATH_NAME = re.compile(r"DropPath|StochasticDepth")
 # Float attributes a forward reads as a random layer-skipping probability (Hugging Face's LayerDrop).
 LAYERDROP_ATTRS = ("layerdrop", "encoder_layerdrop", "decoder_layerdrop")
+
+
+# Any other library's dropout module (SEW-D's StableDropout) is recognised by its class name ending in "Dropout",
+# with its rate in ``p`` / ``drop_prob`` / ``drop_rate``, holding no parameters, buffers or children and called on
+# one tensor: replaced like nn.Dropout. timm's PatchDropout (rate in ``prob``; it drops tokens) does not match.
+_DROPOUT_NAME = re.compile(r"Dropout$")
+
+
+def is_named_dropout(module: nn.Module) -> bool:
+    """A dropout module of another library, recognised by the rule above (not torch's own, not DropPath)."""
+    if isinstance(module, DROPOUT_MODULES) or not _DROPOUT_NAME.search(type(module).__name__) or is_droppath(module):
+        return False
+    if module._modules or module._parameters or module._buffers or drop_rate(module) is None:
+        return False
+    try:
+        params = list(inspect.signature(type(module).forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return False
+    required = [p for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(required) == 1
 
 
 def is_droppath(module: nn.Module) -> bool:

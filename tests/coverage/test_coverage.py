@@ -459,3 +459,40 @@ def test_every_family_at_ci_size():
 @pytest.mark.slow
 def test_every_family_meets_the_target():
     _assert_every_family_passes(cov.sweep(cov.entries(), max_params=cov.DEFAULT_MAX_PARAMS, timeout=300, threads=1))
+
+
+# ------------------------------------------------------------------------------ coverage --hf: noise kept on purpose
+
+
+@pytest.mark.parametrize(
+    ("model_type", "noise"),
+    [
+        ("vit_mae", "random draw kept (part of the model) at embeddings: aten.rand"),  # random masking, by design
+        ("switch_transformers", None),  # router jitter stripped: two seeds agree
+    ],
+)
+def test_hf_noise_kept_on_purpose_is_checked_under_one_seed_and_named_in_the_row(model_type, noise):
+    pytest.importorskip("transformers")
+    r = cov.check(zoo.entry_for(f"hf:{model_type}"))
+    assert r.status == cov.PASS, r.reason
+    assert r.checks == dict.fromkeys(cov.HF_CHECKS, True)
+    if noise is None:
+        assert "one seed" not in r.reason
+    else:
+        assert r.reason.startswith("train-mode determinism checked under one seed: ") and noise in r.reason
+
+
+def test_kept_noise_lists_the_reports_noise_and_the_audits_draws_not_droppath():
+    from gaaf_patch.audit import DRAW_KEPT
+    from gaaf_patch.coverage.hf import kept_noise
+    from gaaf_patch.report import Report
+
+    rep = Report(kept=[{"name": "1", "reason": "DropPath kept"}, {"name": "config.x", "kind": "SpecAugment"}])
+    findings = [
+        {"module": "", "kind": "draw", "op": "aten.randn", "explained": DRAW_KEPT},
+        {"module": "a", "kind": "random", "op": "aten.bernoulli_", "explained": None},
+    ]
+    assert kept_noise(rep, findings) == [
+        "kept SpecAugment at config.x",
+        "random draw kept (part of the model) at <root>: aten.randn",
+    ]
