@@ -7,6 +7,10 @@ Each rank patches a small residual MLP whose blocks sit in ``layers`` (so ``fsdp
 it would a timm ViT's ``blocks`` or a Llama's ``model.layers``), trains a few steps on its half of each global
 batch, saves a sharded checkpoint halfway, and exports one plain state_dict; then a second job resumes from the
 checkpoint and must end with the same bytes. See docs/distributed.md.
+
+The command line does the same for a timm/torchvision/HF checkpoint on an image data set:
+    torchrun --standalone --nproc-per-node 2 -m gaaf_patch.cli finetune resnet10t --checkpoint pre.pt --fsdp --out run
+(shards in run/, resumable with --resume run; the plain state_dict for the unpatched model in run.pt).
 """
 
 from __future__ import annotations

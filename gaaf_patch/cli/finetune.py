@@ -2,13 +2,20 @@
 
 Ctrl-C (SIGINT) exits with 130 and SIGTERM with 143, each with one line saying which checkpoint ``--resume``
 continues from (one is written after every epoch, atomically: an interrupt never leaves a torn one).
+
+Once ``--fsdp`` has sharded a model the process leaves with ``os._exit`` once its work is done and its output
+flushed: with gloo, torch 2.14 aborts about a third of the processes that created a ``DeviceMesh`` (which
+``fully_shard`` does) at interpreter exit ("terminate called without an active exception"), which would turn a
+finished run into a failed one.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
+import traceback
 
 from . import render
 from .common import PROG, Subparsers, add_model_arguments, add_patch_options, input_size, patch_kwargs, positive_int
@@ -24,7 +31,7 @@ def add_parser(sub: Subparsers) -> None:
         help="load a checkpoint, patch it, fine-tune with GAAF, save weights for the unpatched model",
         description="Fine-tune MODEL from --checkpoint with GAAF activations; the saved state_dict loads with "
         "strict=True into the unpatched model. Under 'torchrun --nproc-per-node N' it trains with "
-        "DistributedDataParallel (--batch-size is per process).",
+        "DistributedDataParallel (--batch-size is per process), or with --fsdp sharded by FSDP2.",
     )
     add_model_arguments(p)
     add_patch_options(p)
@@ -55,9 +62,28 @@ def add_parser(sub: Subparsers) -> None:
     t.add_argument("--compile", action="store_true", help="torch.compile the patched model (Inductor)")
     t.add_argument("--seed", type=int, default=0, help="(default 0)")
     t.add_argument("--device", default="auto", help="auto (CUDA when visible), cpu, cuda")
+    s = p.add_argument_group("distributed (under torchrun)")
+    s.add_argument(
+        "--fsdp", action="store_true",
+        help="shard with FSDP2 (fully_shard per block, then the root) instead of DDP; needs torchrun with 2+ "
+        "processes; --out is then a folder of shards and the exported state_dict goes to OUT.pt",
+    )  # fmt: skip
+    s.add_argument(
+        "--fsdp-reshard-after-forward", choices=("on", "off"), default="on",
+        help="on: free gathered weights after each block's forward (less memory); off: keep them for the backward",
+    )  # fmt: skip
+    s.add_argument(
+        "--dist-timeout", type=float, default=600.0, metavar="SECONDS",
+        help="how long a process waits for the others in a collective before the job stops (default 600)",
+    )  # fmt: skip
     o = p.add_argument_group("output")
-    o.add_argument("--out", metavar="PATH", help="checkpoint written after every epoch (default MODEL-gaaf.pt)")
-    o.add_argument("--resume", metavar="PATH", help="continue from a checkpoint this command wrote")
+    o.add_argument(
+        "--out", metavar="PATH",
+        help="checkpoint written after every epoch (default MODEL-gaaf.pt; with --fsdp a folder, MODEL-gaaf)",
+    )  # fmt: skip
+    o.add_argument(
+        "--resume", metavar="PATH", help="continue from a checkpoint (file or --fsdp folder) this command wrote"
+    )
     o.add_argument(
         "--overwrite", action="store_true",
         help="replace an existing --out (without it, an existing --out other than the --resume file is refused)",
@@ -66,6 +92,37 @@ def add_parser(sub: Subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if not args.fsdp:
+        return _run(args)
+    from ..errors import GaafError, one_line
+    from ..finetune import sharded
+
+    try:
+        code = _run(args)
+        if not sharded.meshes_made():
+            return code
+    except GaafError as e:  # as app.main prints it: this process does not return there
+        if not sharded.meshes_made():
+            raise
+        print(f"{PROG}: error: {one_line(e)}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        if not sharded.meshes_made():
+            raise
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        code = 130
+    except Exception:  # noqa: BLE001 - a bug: its traceback, as app.main shows it
+        if not sharded.meshes_made():
+            raise
+        traceback.print_exc()
+        print(f"{PROG}: internal error (a bug): please report it with the traceback above", file=sys.stderr)
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # see the module docstring
+
+
+def _run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from ..finetune import FinetuneOptions, Interrupted, finetune, handle_interrupts
@@ -77,7 +134,8 @@ def run(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay, sched=args.sched, input_size=args.input_size, data_dir=args.data_dir,
         download=args.download, workers=args.workers, amp=args.amp, compile=args.compile,
         patch=None if args.no_patch else patch_kwargs(args), out=args.out, resume=args.resume,
-        overwrite=args.overwrite, seed=args.seed, device=args.device,
+        overwrite=args.overwrite, seed=args.seed, device=args.device, fsdp=args.fsdp,
+        fsdp_reshard_after_forward=args.fsdp_reshard_after_forward == "on", dist_timeout=args.dist_timeout,
     )  # fmt: skip
     console = Console(highlight=False)
     with handle_interrupts():

@@ -26,20 +26,36 @@ DEVICE_RTOL = 1e-5
 
 
 def deploy_check(
-    opts: FinetuneOptions, model: nn.Module, num_classes: int | None, batch: torch.Tensor, precision: Precision
+    opts: FinetuneOptions,
+    model: nn.Module,
+    num_classes: int | None,
+    batch: torch.Tensor,
+    precision: Precision,
+    *,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    output: torch.Tensor | None = None,
+    param_dtype: torch.dtype | None = None,
 ) -> dict[str, Any]:
     """Load ``model``'s weights into a freshly built unpatched ``opts.model`` (``num_classes`` None: as built by
     default) with ``strict=True`` and compare eval outputs on ``batch``: bit for bit in ``exact`` mode on the CPU,
-    within ``DEVICE_RTOL`` on a GPU, within the patch check's ``SAWTOOTH_RTOL`` in ``sawtooth`` mode."""
+    within ``DEVICE_RTOL`` on a GPU, within the patch check's ``SAWTOOTH_RTOL`` in ``sawtooth`` mode.
+
+    A sharded model (``--fsdp``) gives its gathered ``state_dict`` and its ``output`` on ``batch`` (both computed
+    collectively by every rank); ``param_dtype`` is FSDP's mixed-precision parameter dtype, given to the plain
+    model's parameters (not its buffers, as FSDP does) so that both compute in the same precision."""
     try:
         plain = build_model(opts.model, num_classes, opts.input_size)
-        load_state_dict_strict(plain, model.state_dict())
+        load_state_dict_strict(plain, model.state_dict() if state_dict is None else state_dict)
     except GaafError as e:  # the weights do not fit the unpatched model (a CheckpointError, normally)
         return {"ok": False, "strict_load": False, "error": one_line(e)}
     plain.to(batch.device).eval()
+    if param_dtype is not None:
+        for p in plain.parameters():
+            p.data = p.data.to(param_dtype)
     model.eval()
     with torch.no_grad(), precision.autocast():
-        a, b = logits_of(plain(batch)).float(), logits_of(model(batch)).float()
+        a = logits_of(plain(batch.to(param_dtype) if param_dtype is not None else batch)).float()
+        b = logits_of(model(batch)).float() if output is None else output
     exact = opts.patch is None or opts.patch.get("mode", "exact") == "exact"
     rtol = 0.0 if exact and batch.device.type == "cpu" else DEVICE_RTOL if exact else SAWTOOTH_RTOL
     c = compare_outputs([a], [b], rtol)

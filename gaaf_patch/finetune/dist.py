@@ -5,20 +5,47 @@
 them (or with ``WORLD_SIZE=1``) everything here degrades to the single-process case, so the trainer has one code
 path. The model is patched *before* it is wrapped: DDP registers its gradient hooks on the parameters, which the
 patch leaves as they are, and the GAAF gradient then flows into the all-reduce like any other.
+
+A failing process must not leave the others waiting. Two things see to it: the process group's timeout
+(``--dist-timeout``, default :data:`DEFAULT_TIMEOUT` seconds, passed to ``init_process_group``) bounds every wait in
+a collective, so a rank that hangs or dies without a word fails the others within it; and a rank that raises writes
+one line naming itself into the job's store (:func:`record_failure`) before it leaves, which the others read
+(:func:`failure_elsewhere`) when their next collective breaks or torchrun stops them, so every process ends with
+a line that names the rank that failed first.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+from ..errors import one_line
 from .checkpoint import state_digest
+from .interrupt import Interrupted, Terminated
 from .options import FinetuneError
 
-__all__ = ["Dist", "setup", "teardown", "all_sum", "replica_digests"]
+__all__ = [
+    "Dist",
+    "DEFAULT_TIMEOUT",
+    "setup",
+    "teardown",
+    "all_sum",
+    "replica_digests",
+    "record_failure",
+    "failure_elsewhere",
+    "inject_fault",
+    "stopped_by_another_rank",
+]
+
+# seconds a collective may wait for the other processes: long enough for rank 0 to write a large checkpoint while
+# the others wait at the next collective, short enough that a dead job does not hold its machines for torch's 30 min
+DEFAULT_TIMEOUT = 600.0
+FAULT_ENV = "GAAF_FINETUNE_FAULT"  # tests: "RANK:EPOCH:KIND" makes that rank fail at that epoch (see inject_fault)
 
 
 @dataclass(frozen=True)
@@ -29,6 +56,7 @@ class Dist:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    timeout: float = DEFAULT_TIMEOUT
 
     @property
     def enabled(self) -> bool:
@@ -68,8 +96,9 @@ def _device(requested: str, local_rank: int) -> torch.device:
     return dev
 
 
-def setup(device: str = "auto") -> Dist:
-    """Join the process group ``torchrun`` describes in the environment, if any, and pick this process's device."""
+def setup(device: str = "auto", timeout: float = DEFAULT_TIMEOUT) -> Dist:
+    """Join the process group ``torchrun`` describes in the environment, if any, and pick this process's device;
+    a collective that waits more than ``timeout`` seconds for the other processes raises."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     dev = _device(device, local_rank)
@@ -77,13 +106,86 @@ def setup(device: str = "auto") -> Dist:
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        dist.init_process_group(backend, device_id=dev if dev.type == "cuda" else None)
-    return Dist(rank, world_size, local_rank, dev)
+        dist.init_process_group(
+            backend, device_id=dev if dev.type == "cuda" else None, timeout=timedelta(seconds=timeout)
+        )
+    return Dist(rank, world_size, local_rank, dev, timeout)
 
 
-def teardown(d: Dist) -> None:
-    if d.enabled and dist.is_initialized():
+def teardown(d: Dist, failed: bool = False) -> None:
+    """Leave the process group. After a failure it is left as it is: the collective that tears it down would wait
+    for the ranks that are gone (nccl), and the process is about to end anyway."""
+    if d.enabled and dist.is_initialized() and not failed:
         dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------------- failures
+
+
+def _failure_key() -> str:
+    return f"gaaf_patch/failed/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"  # each restart anew
+
+
+def _store():
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:  # noqa: BLE001 - no process group, or a torch without it: nothing to share the line through
+        return None
+
+
+def record_failure(d: Dist, message: str) -> None:
+    """Tell the other ranks, through the job's store, that this one failed and why (the first failure is kept)."""
+    store = _store() if d.enabled else None
+    if store is None:
+        return
+    try:
+        store.compare_set(_failure_key(), "", f"rank {d.rank} failed: {message}")
+    except Exception:  # noqa: BLE001 - the store is gone too (torchrun stopping): the timeout still ends the job
+        pass
+
+
+def failure_elsewhere(d: Dist, wait: float = 0.0) -> str | None:
+    """The line another rank recorded with :func:`record_failure` (None: none did), waiting up to ``wait`` seconds
+    for it: a collective can break a moment before the failing rank's line is in the store."""
+    store = _store() if d.enabled else None
+    if store is None:
+        return None
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            if store.check([_failure_key()]):
+                line = store.get(_failure_key()).decode()
+                return None if line.startswith(f"rank {d.rank} failed") else line
+        except Exception:  # noqa: BLE001 - the store is gone (torchrun's agent stopped): nothing to read
+            return None
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.1)
+
+
+def is_lost_peer(e: BaseException) -> bool:
+    """Whether ``e`` is a collective that failed because another process is gone or silent (the timeout)."""
+    if isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out", "gloo")
+    )
+
+
+def inject_fault(d: Dist, epoch: int) -> None:
+    """Fail on purpose where ``$GAAF_FINETUNE_FAULT`` (``RANK:EPOCH:KIND``, epochs from 1) says: ``oserror`` raises
+    an ``OSError`` (as an unreadable file would), ``hang`` sleeps (a rank stuck outside any collective). For the
+    tests of what the other ranks do; unset, it does nothing."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    rank, at, kind = spec.split(":")
+    if int(rank) != d.rank or int(at) != epoch:
+        return
+    if kind == "hang":
+        time.sleep(3600)
+    raise OSError(f"injected fault on rank {d.rank} at epoch {epoch} (${FAULT_ENV}={spec})")
 
 
 def all_sum(d: Dist, *values: float) -> list[float]:
@@ -118,3 +220,21 @@ def sync_buffers(d: Dist, model: torch.nn.Module) -> None:
         return
     for b in model.buffers():
         dist.broadcast(b.data, src=0)
+
+
+def stopped_by_another_rank(d: Dist, e: BaseException, own: bool) -> None:
+    """Under torchrun: when ``e`` is this rank's part in another's failure (a broken collective, the timeout,
+    torchrun's SIGTERM after a rank exited), raise one line naming the rank that failed first. ``own``: ``e`` is
+    this rank's own failure with a message of its own (an I/O error, a bad option), which it reports itself."""
+    lost = is_lost_peer(e) or isinstance(e, Terminated)
+    if not d.enabled or isinstance(e, Interrupted) or (own and not lost):
+        return
+    other = failure_elsewhere(d, wait=2.0 if lost else 0.0)
+    where = f"rank {d.rank} of {d.world_size} stopped"
+    if other is not None:
+        raise FinetuneError(f"{where}: {other}") from None
+    if is_lost_peer(e):
+        raise FinetuneError(
+            f"{where}: no answer from the other processes within --dist-timeout {d.timeout:g} s, or one of them is "
+            f"gone ({one_line(e, 200)}); the first failure is in their output or torchrun's summary"
+        ) from None

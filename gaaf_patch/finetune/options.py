@@ -18,7 +18,15 @@ from ..errors import GaafError, one_line
 from ..models import CheckpointError
 from .checkpoint import check_writable
 
-__all__ = ["FinetuneOptions", "FinetuneError", "check_options", "EMBEDDED_DATA", "AMP_CHOICES", "SCHEDULES"]
+__all__ = [
+    "FinetuneOptions",
+    "FinetuneError",
+    "check_options",
+    "is_sharded",
+    "EMBEDDED_DATA",
+    "AMP_CHOICES",
+    "SCHEDULES",
+]
 
 EMBEDDED_DATA = ("digits", "mnist")
 AMP_CHOICES = ("auto", "bf16", "fp16")
@@ -64,6 +72,9 @@ class FinetuneOptions:
     overwrite: bool = False
     seed: int = 0
     device: str = "auto"
+    fsdp: bool = False
+    fsdp_reshard_after_forward: bool = True
+    dist_timeout: float = 600.0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (stored as ``args`` in the checkpoint)."""
@@ -71,9 +82,22 @@ class FinetuneOptions:
 
     @property
     def out_path(self) -> Path:
+        """The checkpoint: a file, or with ``fsdp`` a folder of shards (default ``MODEL-gaaf.pt`` / ``MODEL-gaaf``)."""
         if self.out:
             return Path(self.out)
-        return Path(f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', self.model).strip('_') or 'model'}-gaaf.pt")
+        stem = f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', self.model).strip('_') or 'model'}-gaaf"
+        return Path(stem if self.fsdp else stem + ".pt")
+
+    @property
+    def export_path(self) -> Path:
+        """With ``fsdp``: the one-file ``state_dict`` the run ends by writing, next to the folder (``DIR.pt``)."""
+        out = self.out_path
+        return out.with_name(out.name + ".pt")
+
+
+def is_sharded(opts: FinetuneOptions) -> bool:
+    """Whether the run is (or is asked to resume) an ``--fsdp`` one: ``--resume`` then names a folder."""
+    return opts.fsdp or bool(opts.resume and Path(opts.resume).is_dir())
 
 
 def check_options(opts: FinetuneOptions) -> None:
@@ -89,9 +113,14 @@ def check_options(opts: FinetuneOptions) -> None:
             f"--input-size {','.join(map(str, opts.input_size))} is {math.prod(opts.input_size):,} values per sample; "
             "give the size the model takes, e.g. 3,224,224"
         )
-    for flag, path in (("--checkpoint", opts.checkpoint), ("--resume", opts.resume)):
-        if path and not Path(path).is_file():
-            raise CheckpointError(f"{flag} {path}: no such checkpoint file")
+    if not (opts.dist_timeout > 0 and math.isfinite(opts.dist_timeout)):
+        raise FinetuneError(f"--dist-timeout must be a positive number of seconds, got {opts.dist_timeout}")
+    if opts.checkpoint and not Path(opts.checkpoint).is_file():
+        raise CheckpointError(f"--checkpoint {opts.checkpoint}: no such checkpoint file")
+    if is_sharded(opts):  # --resume and --out are checked by .sharded.check_sharded_options, which the run calls
+        return
+    if opts.resume and not Path(opts.resume).is_file():
+        raise CheckpointError(f"--resume {opts.resume}: no such checkpoint file")
     check_output(opts)
 
 

@@ -16,7 +16,7 @@ along that curve to 0 at the new last step; with ``--sched constant`` the new ``
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -91,10 +91,17 @@ def make_scheduler(opts: FinetuneOptions, optimizer: torch.optim.Optimizer, step
 
 
 def restore_training(
-    opts: FinetuneOptions, extra: Mapping[str, Any], optimizer: torch.optim.Optimizer, scaler: Any, steps: int
+    opts: FinetuneOptions,
+    extra: Mapping[str, Any],
+    optimizer: torch.optim.Optimizer,
+    scaler: Any,
+    steps: int,
+    load_optimizer: Callable[[], None] | None = None,
 ) -> tuple[int, list[dict[str, Any]], Any, bool]:
     """Load the saved optimizer, schedule and loss-scaler states into the run's; returns ``(epochs done, history,
-    scheduler, whether the schedule was rebuilt for a new --lr/--epochs)``."""
+    scheduler, whether the schedule was rebuilt for a new --lr/--epochs)``. ``load_optimizer`` replaces loading
+    ``extra["optimizer"]`` (a sharded checkpoint loads the optimizer's shards with the model's), at the same point:
+    after the scheduler is built (which resets the learning rates) and before a rebuilt one places them."""
     saved = extra.get("args") if isinstance(extra.get("args"), Mapping) else {}
     start = int(extra["epoch"])
     same = (
@@ -103,13 +110,16 @@ def restore_training(
         and int(extra.get("steps_per_epoch") or steps) == steps
     )
     scheduler = make_scheduler(opts, optimizer, steps) if same else None
-    try:
-        optimizer.load_state_dict(extra["optimizer"])
-    except (ValueError, KeyError, TypeError, RuntimeError) as e:
-        raise CheckpointError(
-            f"--resume {opts.resume}: its optimizer state does not fit --opt {opts.opt} on this model "
-            f"({type(e).__name__}: {one_line(e, 120)}); resume with the options the run was started with"
-        ) from None
+    if load_optimizer is not None:  # its errors are its own (ShardError) or a lost rank's, told as such upstream
+        load_optimizer()
+    else:
+        try:
+            optimizer.load_state_dict(extra["optimizer"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise CheckpointError(
+                f"--resume {opts.resume}: its optimizer state does not fit --opt {opts.opt} on this model "
+                f"({type(e).__name__}: {one_line(e, 120)}); resume with the options the run was started with"
+            ) from None
     if same:
         if scheduler is not None and extra.get("scheduler"):
             scheduler.load_state_dict(extra["scheduler"])

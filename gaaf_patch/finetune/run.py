@@ -35,7 +35,7 @@ from ..api import patch as _patch
 from ..errors import GaafError, one_line
 from ..models import CheckpointError, build_model, load_state_dict_strict, read_checkpoint
 from ..report import report
-from . import dist, resume
+from . import dist, resume, sharded
 from .checkpoint import atomic_save, capture_rng, remove_stray_temps, restore_rng, seeded
 from .deploy import deploy_check
 from .head import HeadError, checkpoint_classes, num_outputs, replace_classifier
@@ -43,7 +43,7 @@ from .inputs import model_input_size, output_width
 from .interrupt import Interrupted, Terminated, raise_if_received, received
 from .loaders import datasets, loaders, worker_message
 from .loop import NonFiniteLoss, Precision, Totals, evaluate, progress_bar, train_epoch
-from .options import AMP_CHOICES, EMBEDDED_DATA, FinetuneError, FinetuneOptions, check_options
+from .options import AMP_CHOICES, EMBEDDED_DATA, FinetuneError, FinetuneOptions, check_options, is_sharded
 
 __all__ = ["FinetuneOptions", "FinetuneResult", "FinetuneError", "finetune", "EMBEDDED_DATA"]
 
@@ -76,9 +76,16 @@ def _load_model(opts: FinetuneOptions) -> tuple[nn.Module, Any, bool]:
     classifier was replaced (the deployment model is then built with that many classes)."""
     model = build_model(opts.model, None, opts.input_size)
     source = opts.resume or opts.checkpoint
-    ckpt = read_checkpoint(source) if source else None
     replaced = False
-    if ckpt is not None:
+    if opts.fsdp and opts.resume:  # the weights load later, as shards, into the sharded model
+        ckpt: Any = sharded.read_checkpoint(opts.resume)
+        n = ckpt.extra.get("num_classes")
+        if ckpt.extra.get("replaced") and n is not None and n != num_outputs(model):
+            replace_classifier(model, n)
+        replaced = bool(ckpt.extra.get("replaced"))
+    else:
+        ckpt = read_checkpoint(source) if source else None
+    if ckpt is not None and ckpt.state_dict is not None:
         n = checkpoint_classes(model, ckpt.state_dict)
         if n is not None and n != num_outputs(model):
             replace_classifier(model, n)
@@ -145,33 +152,52 @@ def finetune(opts: FinetuneOptions, console: Any = None) -> FinetuneResult:
     :func:`.interrupt.handle_interrupts`) raises :class:`.interrupt.Interrupted`, naming the last checkpoint.
     """
     check_options(opts)
+    if is_sharded(opts):
+        sharded.check_sharded_options(opts)
     if console is None:
         from rich.console import Console
 
         console = Console(highlight=False)
     saved = _Saved(Path(opts.resume) if opts.resume else None, 0, opts.epochs)
-    d = dist.setup(opts.device)
+    d = dist.setup(opts.device, opts.dist_timeout)
+    failed = True
     try:
         with seeded(opts.seed, [d.device]):
-            return _run(opts, d, console, saved)
+            result = _run(opts, d, console, saved)
+        failed = False
+        return result
     except KeyboardInterrupt as e:
+        dist.stopped_by_another_rank(d, e, own=False)
         signum = received() or (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
         raise Interrupted(signum, saved.path, saved.epoch, opts.epochs) from None
     except Exception as e:
+        dist.stopped_by_another_rank(d, e, own=_translate(e) is not None)
         signum = received()
         if signum is not None:  # the interrupt's exception was dropped (raised in a __del__); this followed it
             raise Interrupted(signum, saved.path, saved.epoch, opts.epochs) from None
-        message = worker_message(e)  # raised in a loader worker: its message is the last line of PyTorch's
-        if isinstance(e, GaafError) and message is not None:
-            raise type(e)(message) from e
-        if isinstance(e, OSError):  # an image that cannot be read, a full disk: the environment's, not a bug
-            raise FinetuneError(
-                f"input/output error: {type(e).__name__}: {message or one_line(e, 300)}; check that the files "
-                "--data and --data-dir name are readable and that there is free space"
-            ) from e
+        error = _translate(e)
+        if d.enabled:  # the others read this line when their next collective breaks (dist.failure_elsewhere)
+            dist.record_failure(d, one_line(error, 300) if error is not None else f"{type(e).__name__}: {one_line(e)}")
+            if error is not None:
+                raise FinetuneError(f"rank {d.rank} of {d.world_size}: {one_line(error, 500)}") from e
+        if error is not None and error is not e:
+            raise error from e
         raise
     finally:
-        dist.teardown(d)
+        dist.teardown(d, failed)
+
+
+def _translate(e: Exception) -> Exception | None:
+    """The one-line error a failure is shown as (None: a bug, shown with its traceback)."""
+    message = worker_message(e)  # raised in a loader worker: its message is the last line of PyTorch's
+    if isinstance(e, GaafError):
+        return type(e)(message) if message is not None else e
+    if isinstance(e, OSError):  # an image that cannot be read, a full disk: the environment's, not a bug
+        return FinetuneError(
+            f"input/output error: {type(e).__name__}: {message or one_line(e, 300)}; check that the files "
+            "--data and --data-dir name are readable and that there is free space"
+        )
+    return None
 
 
 @dataclass
@@ -201,7 +227,7 @@ def _run(opts: FinetuneOptions, d: dist.Dist, console: Any, saved: _Saved) -> Fi
         saved.epoch = int(ckpt.extra["epoch"])
     out = opts.out_path
     if d.is_main:
-        for p in remove_stray_temps(out):
+        for p in remove_stray_temps(opts.export_path if opts.fsdp else out):
             _say(d, console, f"removed {p}, the temporary file of a checkpoint write that was killed")
     ds = datasets(opts, model, input_size)
     classes = _classes(model, input_size)
@@ -234,14 +260,24 @@ def _run(opts: FinetuneOptions, d: dist.Dist, console: Any, saved: _Saved) -> Fi
     steps = len(batches.train)
     if steps == 0:
         raise FinetuneError(f"no training batch: {ds.name} is too small for {d.world_size} process(es)")
-    optimizer = _optimizer(opts, model)
     precision = _precision(opts.amp, d.device)
+    amp_dtype = precision.dtype
+    if opts.fsdp:  # patch, then shard, then the optimizer (on the sharded parameters)
+        policy, precision = sharded.mixed_precision(precision, model)
+        sharded.shard_model(opts, model, policy)
+        _say(d, console, f"sharded with FSDP2 over {d.world_size} processes"
+             + (f"; parameters in {str(amp_dtype).removeprefix('torch.')}" if amp_dtype is not None else ""))  # fmt: skip
+    optimizer = _optimizer(opts, model)
     scaler = precision.scaler()
 
     start_epoch, history = 0, []
     if opts.resume and ckpt is not None:
-        start_epoch, history, scheduler, rebuilt = resume.restore_training(opts, ckpt.extra, optimizer, scaler, steps)
-        restore_rng(ckpt.extra["rng"])
+        load = sharded.loader(model, optimizer, ckpt.path) if opts.fsdp else None  # with each rank's random state
+        start_epoch, history, scheduler, rebuilt = resume.restore_training(
+            opts, ckpt.extra, optimizer, scaler, steps, load
+        )
+        if not opts.fsdp:
+            restore_rng(ckpt.extra["rng"])
         lr = optimizer.param_groups[0]["lr"]
         _say(d, console, f"resumed after epoch {start_epoch} of {opts.epochs}"
              + (f"; schedule rebuilt for --lr {opts.lr:g} and --epochs {opts.epochs} (lr now {lr:.3g})" if rebuilt
@@ -250,7 +286,7 @@ def _run(opts: FinetuneOptions, d: dist.Dist, console: Any, saved: _Saved) -> Fi
         scheduler = resume.make_scheduler(opts, optimizer, steps)
 
     train_model: nn.Module = model
-    if d.enabled:
+    if d.enabled and not opts.fsdp:
         device_ids = [d.device.index] if d.device.type == "cuda" else None
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     if opts.compile:
@@ -259,6 +295,7 @@ def _run(opts: FinetuneOptions, d: dist.Dist, console: Any, saved: _Saved) -> Fi
     deploy, digests = None, []
     for epoch in range(start_epoch, opts.epochs):
         raise_if_received()  # an interrupt whose exception Python dropped still ends the run
+        dist.inject_fault(d, epoch + 1)
         batches.set_epoch(epoch)
         try:
             with progress_bar(console, d.is_main) as bar:
@@ -272,29 +309,34 @@ def _run(opts: FinetuneOptions, d: dist.Dist, console: Any, saved: _Saved) -> Fi
                 f"(now {opts.lr:g}) or check the data and the patch options"
             ) from None
         dist.sync_buffers(d, model)
-        ev = evaluate(model, batches.val, ds.prepare, precision, d)
+        val = batches.val
+        if opts.fsdp:  # every rank runs as many forwards
+            val = sharded.even_batches(val, len(val.dataset), d.world_size, opts.batch_size)
+        ev = evaluate(model, val, ds.prepare, precision, d)
         row = _row(epoch + 1, tr, ev, optimizer)
         history.append(row)
         _say(d, console, f"epoch {epoch + 1}/{opts.epochs}: train loss {tr.loss:.4f} acc {tr.acc:.2%} "
              f"({tr.images_per_second:,.0f} img/s) | val loss {ev.loss:.4f} acc {ev.acc:.2%} "
              f"({int(ev.correct)}/{int(ev.count)})")  # fmt: skip
-        digests = dist.replica_digests(d, model)
+        digests = [] if opts.fsdp else dist.replica_digests(d, model)  # FSDP's shards differ by design
         if len(set(digests)) > 1:
             raise RuntimeError(f"the {d.world_size} replicas' weights differ after epoch {epoch + 1}: {digests}")
         last = epoch + 1 == opts.epochs
-        if last and d.is_main:
+        exported = None
+        if last and (d.is_main or opts.fsdp):
             with torch.random.fork_rng(devices=[d.device] if d.device.type == "cuda" else []):  # not the run's RNG
                 batch = ds.prepare(next(iter(batches.val))[0].to(d.device))
-                deploy = deploy_check(opts, model, classes if replaced else None, batch, precision)
-        if d.is_main:
+                n = classes if replaced else None
+                if opts.fsdp:  # collective: every rank gathers and runs the forward, rank 0 checks
+                    exported, deploy = sharded.export(opts, model, batch, n, amp_dtype, d.is_main)
+                else:
+                    deploy = deploy_check(opts, model, n, batch, precision)
+        if d.is_main or opts.fsdp:
             state = {
-                "state_dict": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "epoch": epoch + 1,
                 "steps_per_epoch": steps,
-                "rng": capture_rng(),
                 "gaaf_config": gaaf_config,
                 "model": opts.model,
                 "num_classes": classes,
@@ -306,11 +348,20 @@ def _run(opts: FinetuneOptions, d: dist.Dist, console: Any, saved: _Saved) -> Fi
                 "deploy_check": deploy,
                 "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }
-            _save(state, out, saved)
+            if opts.fsdp:  # collective; the model, optimizer and random states go in as shards
+                sharded.save(model, optimizer, {**state, "replaced": replaced}, out, saved.where())
+                if exported is not None and d.is_main:
+                    sharded.write_export(exported, opts.export_path, saved.where())
+            else:
+                state = {"state_dict": model.state_dict(), "optimizer": optimizer.state_dict(), **state,
+                         "rng": capture_rng()}  # fmt: skip
+                _save(state, out, saved)
         saved.path, saved.epoch = out, epoch + 1
     if start_epoch >= opts.epochs:
         _say(d, console, f"nothing to do: the resumed run already completed {start_epoch} epoch(s) of {opts.epochs}")
         out = None
+    if opts.fsdp and out is not None:
+        out = opts.export_path  # what the run ships: one plain state_dict
     return FinetuneResult(
         history, out if d.is_main else None, start_epoch, classes, input_size, gaaf_config, summary,
         deploy, d.world_size, digests,
