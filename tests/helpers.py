@@ -251,3 +251,17 @@ def saved_storages(model: nn.Module, x: torch.Tensor) -> dict[int, int]:
     from benchmarks.memory import saved_storages as probe
 
     return probe(model, lambda: model(x).sum())
+
+
+def write_image_folder(root, per_class: int, height: int, width: int):
+    """An image-folder tree of generated PNGs under ``root``: classes ``cat`` and ``dog`` of ``per_class`` images
+    each, the dog ones brighter (a learnable difference), seeded."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for c, cls in enumerate(("cat", "dog")):
+        (root / cls).mkdir()
+        for i in range(per_class):
+            pixels = (torch.rand(height, width, 3, generator=g) * 80 + 120 * c).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(root / cls / f"{i}.png")
+    return root

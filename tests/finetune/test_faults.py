@@ -22,6 +22,7 @@ import torch
 from gaaf_patch.cli import main
 from gaaf_patch.finetune import atomic_save
 from gaaf_patch.finetune.checkpoint import stray_temps
+from tests.helpers import write_image_folder
 
 ROOT = Path(__file__).resolve().parents[2]
 RESNET = ["test_resnet", "--input-size", "3,16,16"]
@@ -65,17 +66,7 @@ def epoch1(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
     """An image-folder tree of generated PNGs, 2 classes of 40 (loader workers decode them)."""
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("imgs")
-    g = torch.Generator().manual_seed(0)
-    for c, cls in enumerate(("cat", "dog")):
-        (root / cls).mkdir()
-        for i in range(40):
-            Image.fromarray((torch.rand(32, 32, 3, generator=g) * 80 + 120 * c).to(torch.uint8).numpy()).save(
-                root / cls / f"{i}.png"
-            )
-    return root
+    return write_image_folder(tmp_path_factory.mktemp("imgs"), 40, 32, 32)
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ import torch
 
 import gaaf_patch.finetune.run as run
 from gaaf_patch.cli import main
+from tests.helpers import write_image_folder
 
 TOYS = '''
 from torch import nn
@@ -62,16 +63,7 @@ def toys(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
     """An image-folder tree of generated PNGs: two classes of 12 images (22 train / 2 held out)."""
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("imgs")
-    g = torch.Generator().manual_seed(0)
-    for c, cls in enumerate(("cat", "dog")):
-        (root / cls).mkdir()
-        for i in range(12):
-            pixels = (torch.rand(20, 24, 3, generator=g) * 80 + 120 * c).to(torch.uint8).numpy()
-            Image.fromarray(pixels).save(root / cls / f"{i}.png")
-    return root
+    return write_image_folder(tmp_path_factory.mktemp("imgs"), 12, 20, 24)
 
 
 def _load(path: Path) -> dict:
