@@ -6,6 +6,9 @@
     python -m benchmarks.run --quick               # CI size: MLP + ResNet-18, eager only, < 60 s
     python -m benchmarks.run --models mlp,vit --no-compile --json out.json --markdown out.md
 
+Hugging Face models (BERT, GPT-2, Llama; their attention code runs under run-time scopes) are measured by
+``python -m benchmarks.hf_overhead`` (``--size tiny|base``), against the same plain-model baseline.
+
 Models (synthetic data, 10 classes): the paper's MNIST MLP 784-512-256-256-10 (tanh, batch 128), torchvision
 ResNet-18 and ResNet-50 (ReLU, 3x64x64, batch 16), timm ``vit_tiny_patch16_224`` at ``img_size=64`` (GELU, batch 16).
 
