@@ -140,6 +140,7 @@ def _counts(results: Sequence[Result]) -> list[str]:
     acts = [f for r in ran for f in r.leftover_runtime if f.get("kind") == "activation"]
     silent = sum(f.get("explained") is None for f in acts)
     randoms = [f for r in ran for f in r.leftover_runtime if f.get("kind") == "random"]
+    draws = [f for r in ran for f in r.leftover_runtime if f.get("kind") == "draw"]
     return [
         f"- {whole} of {len(ran)} checked models trace whole with torch.fx, timm's non-traceable modules as leaves "
         "(the others are counted by modules and by the audit only; the patch itself traces each module's own code).",
@@ -149,7 +150,8 @@ def _counts(results: Sequence[Result]) -> list[str]:
         + ", ".join(f"{gates[k]} by {k}" for k in _KINDS)
         + f"; the audit's activation findings the report explains: {len(acts) - silent}.",
         f"- Random ops the audit saw outside GAAF: {len(randoms)} (kind of op per module), "
-        f"{sum(f.get('explained') is None for f in randoms)} silent.",
+        f"{sum(f.get('explained') is None for f in randoms)} silent; random draws used as data (part of the model): "
+        f"{len(draws)}.",
     ]
 
 
@@ -237,8 +239,10 @@ def markdown_hf(results: Sequence[Result], summary: Summary, command: str) -> st
         "with `gaaf_patch.patch(model, strip_dropout=True)` and checked: **a** eval outputs bit-identical to the "
         "unpatched model; **b** `gaaf_patch.audit` clean: every native activation and random op that ran outside "
         "GAAF in one train-mode forward and backward is explained by the report (a gate, an unreached site with its "
-        "reason, a DropPath kept); **c** train-mode forward deterministic (two forwards under different seeds, "
-        "DropPath held in eval mode); **d** `save_pretrained` of the patched model, then `from_pretrained` into the "
+        "reason, a DropPath kept, training noise turned off or kept with its reason) or is a random draw the model "
+        "uses as data (`gaaf_patch/draws.py`: a uniform draw compared with a threshold is a dropout, never data); "
+        "**c** train-mode forward deterministic (two forwards under different seeds, DropPath held in eval mode; "
+        "under one seed, said in the row, where the report keeps noise or the model draws); **d** `save_pretrained` of the patched model, then `from_pretrained` into the "
         "plain class: no missing, unexpected or mismatched keys, the same weights, the same eval outputs; **e** "
         "`state_dict` keys unchanged. A type whose unpatched model does not build or run with the shrunk config is "
         "listed as *does not build*, with the reason, and not counted. See gaaf_patch/coverage/hf.py.",
