@@ -129,10 +129,11 @@ class BatchNormRecompute:
     """Mixin for the BatchNorm classes below: the stock forward, except in training mode on plain tensors."""
 
     def forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, fx.Proxy):  # a whole-model fx trace: one call of this module, as for torch.nn's own
+            return input.tracer.create_proxy("call_module", input.tracer.path_of_module(self), (input,), {})
         if (
             not self.training
             or not torch.is_grad_enabled()
-            or isinstance(input, fx.Proxy)
             or _compiling()
             or torch.is_autocast_enabled(input.device.type)  # autocast decides batch_norm's dtypes: keep its path
         ):

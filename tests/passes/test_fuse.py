@@ -242,3 +242,30 @@ def test_compiled_patched_model_takes_the_stock_path():
     ref(x).sum().backward()
     for (n, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=n)
+
+
+class _GaafLeaves(torch.fx.Tracer):
+    """A whole-model trace that keeps GAAF sites as calls (how gaaf_patch.coverage counts what is left)."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, gaaf_patch.GAAF) or super().is_leaf_module(m, qualname)
+
+
+def test_a_whole_model_fx_trace_calls_the_batchnorm_twin_and_trains_the_same():
+    """fx keeps torch.nn's BatchNorm a leaf, not its twin: tracing ran the stock forward, whose ``input.dim()``
+    check is control flow on a Proxy (TraceError), and the coverage sweep lost its fx count on every ResNet."""
+    torch.manual_seed(0)
+    model = gaaf_patch.patch(nn.Sequential(SmallCNN()))
+    twins = _fused_names(model)
+    assert twins
+    graph = torch.fx.GraphModule(model, _GaafLeaves().trace(model))
+    assert twins == [n.target for n in graph.graph.nodes if n.op == "call_module" and n.target in twins]
+    x = torch.randn(4, 3, 16, 16)
+    eager, traced = copy.deepcopy(model).train(), copy.deepcopy(graph).train()
+    xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    ys = [eager(xs[0]), traced(xs[1])]
+    for y in ys:
+        y.square().sum().backward()
+    assert torch.equal(ys[0], ys[1]) and torch.equal(xs[0].grad, xs[1].grad)
+    before, after = eager.state_dict(), traced.state_dict()  # running statistics updated alike
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
