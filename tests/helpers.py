@@ -265,3 +265,19 @@ def write_image_folder(root, per_class: int, height: int, width: int):
             pixels = (torch.rand(height, width, 3, generator=g) * 80 + 120 * c).to(torch.uint8).numpy()
             Image.fromarray(pixels).save(root / cls / f"{i}.png")
     return root
+
+
+def load_checkpoint(path) -> dict:
+    """A finetune checkpoint as the tests read it: on the CPU, tensors only."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def finetune_fails(args, capsys) -> str:
+    """``gaaf-patch finetune ARGS`` run in-process: exit 2 with exactly one line on stderr, no traceback; that line."""
+    from gaaf_patch.cli import main
+
+    code = main(["finetune", *args])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count("\n") == 1 and "Traceback" not in err  # one line
+    return err

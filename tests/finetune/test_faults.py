@@ -22,22 +22,10 @@ import torch
 from gaaf_patch.cli import main
 from gaaf_patch.finetune import atomic_save
 from gaaf_patch.finetune.checkpoint import stray_temps
-from tests.helpers import write_image_folder
+from tests.helpers import finetune_fails, load_checkpoint, write_image_folder
 
 ROOT = Path(__file__).resolve().parents[2]
 RESNET = ["test_resnet", "--input-size", "3,16,16"]
-
-
-def _load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _fails(args, capsys) -> str:
-    code = main(["finetune", *args])
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert err.count("\n") == 1 and "Traceback" not in err  # one line
-    return err
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +93,7 @@ def test_a_signal_stops_with_one_line_and_keeps_the_checkpoint(sig, group, worke
     last = err.splitlines()[-1]
     assert last.startswith(f"gaaf-patch: {word}; the last checkpoint is {out}"), err
     assert "Traceback" not in err and "Error" not in err and err.count("gaaf-patch:") == 1, err
-    epoch = _load(out)["epoch"]  # loads: not torn
+    epoch = load_checkpoint(out)["epoch"]  # loads: not torn
     assert last.endswith(f"continue with --resume {out} (it holds epoch {epoch} of 50)")
     assert stray_temps(out) == []
 
@@ -151,7 +139,7 @@ def test_full_disk_during_a_checkpoint_write(epoch1, after, tmp_path, monkeypatc
     ckpt = tmp_path / "c.pt"
     ckpt.write_bytes(epoch1.read_bytes())
     monkeypatch.setattr(torch, "save", _failing_write(OSError(28, "No space left on device"), after))
-    err = _fails([*RESNET, "--epochs", "3", "--resume", str(ckpt), "--out", str(ckpt)], capsys)
+    err = finetune_fails([*RESNET, "--epochs", "3", "--resume", str(ckpt), "--out", str(ckpt)], capsys)
     assert f"cannot write the checkpoint {ckpt}: [Errno 28] No space left on device" in err
     assert f"the last good checkpoint {ckpt} (epoch 1) is unchanged" in err
     assert ckpt.read_bytes() == epoch1.read_bytes() and stray_temps(ckpt) == []
@@ -168,7 +156,7 @@ def test_a_killed_write_leaves_a_temp_file_the_next_start_removes(tmp_path, caps
     assert stray_temps(out) == [stray]
     assert main(["finetune", *RESNET, "--epochs", "1", "--out", str(out)]) == 0
     assert f"removed {stray}" in capsys.readouterr().out
-    assert not stray.exists() and all((tmp_path / n).exists() for n in others) and _load(out)["epoch"] == 1
+    assert not stray.exists() and all((tmp_path / n).exists() for n in others) and load_checkpoint(out)["epoch"] == 1
 
 
 def test_checkpoints_honour_the_umask(tmp_path):
@@ -187,7 +175,7 @@ def test_checkpoints_honour_the_umask(tmp_path):
         os.umask(old)
     assert created == {"a.pt": 0o644, "b.pt": 0o640}
     replaced = {n: stat.S_IMODE((tmp_path / n).stat().st_mode) for n in ("a.pt", "b.pt")}
-    assert replaced == {"a.pt": 0o600, "b.pt": 0o664} and _load(tmp_path / "a.pt")["x"].item() == 0
+    assert replaced == {"a.pt": 0o600, "b.pt": 0o664} and load_checkpoint(tmp_path / "a.pt")["x"].item() == 0
 
 
 # ---------------------------------------------------------------------------------------------------- the output file
@@ -196,13 +184,13 @@ def test_checkpoints_honour_the_umask(tmp_path):
 def test_an_existing_out_is_not_replaced_unless_asked(epoch1, tmp_path, capsys):
     out = tmp_path / "o.pt"
     out.write_bytes(b"another run's checkpoint")
-    err = _fails([*RESNET, "--out", str(out)], capsys)
+    err = finetune_fails([*RESNET, "--out", str(out)], capsys)
     assert f"--out {out} already exists; continue that run with --resume {out}, replace it with --overwrite" in err
-    err = _fails([*RESNET, "--resume", str(epoch1), "--out", str(out)], capsys)
+    err = finetune_fails([*RESNET, "--resume", str(epoch1), "--out", str(out)], capsys)
     assert "already exists and is not the --resume file; replace it with --overwrite" in err
     assert out.read_bytes() == b"another run's checkpoint"
     assert main(["finetune", *RESNET, "--epochs", "1", "--out", str(out), "--overwrite"]) == 0
-    assert _load(out)["epoch"] == 1 and _load(out)["args"]["overwrite"] is True
+    assert load_checkpoint(out)["epoch"] == 1 and load_checkpoint(out)["args"]["overwrite"] is True
     capsys.readouterr()
 
 
@@ -210,7 +198,7 @@ def test_out_may_not_be_the_checkpoint_it_starts_from(epoch1, tmp_path, capsys):
     ckpt = tmp_path / "pre.pt"
     ckpt.write_bytes(epoch1.read_bytes())
     for extra in ([], ["--overwrite"]):
-        err = _fails([*RESNET, "--checkpoint", str(ckpt), "--out", str(ckpt), *extra], capsys)
+        err = finetune_fails([*RESNET, "--checkpoint", str(ckpt), "--out", str(ckpt), *extra], capsys)
         assert f"--out {ckpt} is the --checkpoint the run starts from; choose another --out" in err
     assert ckpt.read_bytes() == epoch1.read_bytes()
 
@@ -225,9 +213,9 @@ def test_an_unwritable_out_fails_before_training(tmp_path, monkeypatch, capsys):
         where.mkdir()
         where.chmod(0o555)
     monkeypatch.setattr(run, "train_epoch", lambda *a, **k: pytest.fail("trained before checking --out"))
-    err = _fails([*RESNET, "--out", str(where / "x.pt")], capsys)
+    err = finetune_fails([*RESNET, "--out", str(where / "x.pt")], capsys)
     assert f"--out {where / 'x.pt'}: cannot write in {where}" in err and "choose another --out" in err
-    assert f"--out {tmp_path} is a folder" in _fails([*RESNET, "--out", str(tmp_path)], capsys)
+    assert f"--out {tmp_path} is a folder" in finetune_fails([*RESNET, "--out", str(tmp_path)], capsys)
 
 
 # ------------------------------------------------------------------------------------------------------- divergence
@@ -235,15 +223,15 @@ def test_an_unwritable_out_fails_before_training(tmp_path, monkeypatch, capsys):
 
 def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(epoch1, tmp_path, capsys):
     """``--lr 1e30`` trained on and saved NaN weights over the last good checkpoint every epoch."""
-    assert "--lr must be a positive finite number, got inf" in _fails([*RESNET, "--lr", "inf"], capsys)
+    assert "--lr must be a positive finite number, got inf" in finetune_fails([*RESNET, "--lr", "inf"], capsys)
     ckpt = tmp_path / "c.pt"
     ckpt.write_bytes(epoch1.read_bytes())
-    err = _fails([*RESNET, "--epochs", "3", "--lr", "1e30", "--resume", str(ckpt), "--out", str(ckpt)], capsys)
+    err = finetune_fails([*RESNET, "--epochs", "3", "--lr", "1e30", "--resume", str(ckpt), "--out", str(ckpt)], capsys)
     assert "training diverged: the training loss is nan" in err and "in epoch 2/3" in err
     assert f"the last good checkpoint {ckpt} (epoch 1) is unchanged; lower --lr (now 1e+30)" in err
     assert ckpt.read_bytes() == epoch1.read_bytes()
     fresh = tmp_path / "fresh.pt"
-    err = _fails([*RESNET, "--epochs", "1", "--lr", "1e30", "--out", str(fresh)], capsys)
+    err = finetune_fails([*RESNET, "--epochs", "1", "--lr", "1e30", "--out", str(fresh)], capsys)
     assert "in epoch 1/1; nothing of this epoch was saved and no checkpoint was written" in err
     assert not fresh.exists() and stray_temps(fresh) == []
 
@@ -259,7 +247,7 @@ def test_a_broken_image_is_named(workers, folder, tmp_path, capsys):
     broken = tmp_path / "imgs"
     shutil.copytree(folder, broken)
     (broken / "dog" / "3.png").write_bytes((folder / "dog" / "3.png").read_bytes()[:100])
-    err = _fails([*RESNET, "--data", str(broken), "--num-classes", "2", "--workers", str(workers),
+    err = finetune_fails([*RESNET, "--data", str(broken), "--num-classes", "2", "--workers", str(workers),
                   "--batch-size", "80", "--out", str(tmp_path / "o.pt")], capsys)  # fmt: skip
     assert err == (
         f"gaaf-patch: error: cannot read the image {broken / 'dog' / '3.png'} (OSError: image file is truncated); "
@@ -268,19 +256,19 @@ def test_a_broken_image_is_named(workers, folder, tmp_path, capsys):
 
 
 def test_bad_inputs_are_one_line_saying_what_to_do(tmp_path, capsys):
-    err = _fails(["test_resnet", "--input-size", "1,32,32"], capsys)  # was a RuntimeError from the first step
+    err = finetune_fails(["test_resnet", "--input-size", "1,32,32"], capsys)  # was a RuntimeError from the first step
     assert "ResNet does not take input 1,32,32: RuntimeError:" in err
     assert err.rstrip().endswith("its first convolution takes 3 channels, so pass --input-size 3,H,W")
-    assert "values per sample" in _fails(["test_resnet", "--input-size", "3,100000,100000"], capsys)
-    err = _fails([*RESNET, "--device", "bogus"], capsys)
+    assert "values per sample" in finetune_fails(["test_resnet", "--input-size", "3,100000,100000"], capsys)
+    err = finetune_fails([*RESNET, "--device", "bogus"], capsys)
     assert err == "gaaf-patch: error: --device bogus: not a device name; use auto, cpu, cuda or cuda:N\n"
     if not torch.cuda.is_available():
-        assert "no CUDA device is visible; use --device cpu" in _fails([*RESNET, "--device", "cuda:0"], capsys)
+        assert "no CUDA device is visible; use --device cpu" in finetune_fails([*RESNET, "--device", "cuda:0"], capsys)
     empty, text = tmp_path / "empty.pt", tmp_path / "notes.txt"
     empty.touch()
     text.write_text("hello, these are my notes\n")
-    err = _fails([*RESNET, "--checkpoint", str(empty)], capsys)  # was "EOFError:"
+    err = finetune_fails([*RESNET, "--checkpoint", str(empty)], capsys)  # was "EOFError:"
     assert f"cannot read checkpoint {empty}: the file is empty (0 bytes" in err and "torch.save" in err
-    err = _fails([*RESNET, "--checkpoint", str(text)], capsys)  # was "KeyError: 101"
+    err = finetune_fails([*RESNET, "--checkpoint", str(text)], capsys)  # was "KeyError: 101"
     assert f"cannot read checkpoint {text}: not a file torch.save writes" in err and "b'hello, t'" in err
-    assert "--workers must be 0" in _fails([*RESNET, "--workers", "-1"], capsys)
+    assert "--workers must be 0" in finetune_fails([*RESNET, "--workers", "-1"], capsys)

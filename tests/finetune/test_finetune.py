@@ -29,6 +29,7 @@ from gaaf_patch.finetune import (
     replace_classifier,
     state_digest,
 )
+from tests.helpers import finetune_fails, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 RESNET = ["test_resnet", "--input-size", "3,16,16"]
@@ -55,10 +56,6 @@ def net(num_classes=10):
 def mnist_net(num_classes=10):
     return Net(num_classes, inputs=784)
 '''
-
-
-def _load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _held_out(size=(3, 16, 16), model=None):
@@ -104,7 +101,7 @@ def test_finetune_deploys_into_the_unpatched_model(pretrained, tmp_path, capsys)
     text = capsys.readouterr().out
     assert code == 0, text
     assert "replaced 12 (relu 12)" in text and "deployment check" in text and "bit-identical" in text
-    ckpt = _load(out)
+    ckpt = load_checkpoint(out)
     assert ckpt["epoch"] == 2 and ckpt["num_classes"] == 10 and ckpt["gaaf_config"]["mode"] == "exact"
     assert ckpt["deploy_check"]["ok"] and ckpt["deploy_check"]["bit_identical"]
     assert ckpt["replicas"] == {"world_size": 1, "digests": [state_digest(ckpt["state_dict"])]}
@@ -157,7 +154,7 @@ def test_gaaf_changes_training_and_no_patch_is_the_baseline(pretrained, tmp_path
     assert main(["finetune", *common, "--out", str(tmp_path / "g.pt")]) == 0
     assert main(["finetune", *common, "--no-patch", "--out", str(tmp_path / "p.pt")]) == 0
     assert "not patched (--no-patch)" in capsys.readouterr().out
-    g, p = _load(tmp_path / "g.pt"), _load(tmp_path / "p.pt")
+    g, p = load_checkpoint(tmp_path / "g.pt"), load_checkpoint(tmp_path / "p.pt")
     assert g["gaaf_config"] is not None and p["gaaf_config"] is None
     assert g["state_dict"].keys() == p["state_dict"].keys()
     assert not torch.equal(g["state_dict"]["conv1.0.weight"], p["state_dict"]["conv1.0.weight"])
@@ -178,7 +175,7 @@ def test_amp_bf16_on_cpu(toy, tmp_path, capsys):
     assert (
         main(["finetune", toy, "--input-size", "64", "--amp", "--lr", "0.05", "--epochs", "1", "--out", str(out)]) == 0
     )
-    ckpt = _load(out)
+    ckpt = load_checkpoint(out)
     assert ckpt["args"]["amp"] == "auto" and ckpt["deploy_check"]["bit_identical"]
     assert all(t.dtype == torch.float32 for t in ckpt["state_dict"].values())  # autocast: float32 master weights
     assert 0.2 < ckpt["history"][0]["val_acc"] <= 1  # learnt something (chance: 0.1)
@@ -189,7 +186,7 @@ def test_compile_flag_trains_like_eager(toy, tmp_path, capsys):
     common = ["finetune", toy, "--input-size", "64", "--epochs", "1", "--strip-dropout"]
     assert main([*common, "--compile", "--out", str(tmp_path / "c.pt")]) == 0
     assert main([*common, "--out", str(tmp_path / "e.pt")]) == 0
-    c, e = _load(tmp_path / "c.pt"), _load(tmp_path / "e.pt")
+    c, e = load_checkpoint(tmp_path / "c.pt"), load_checkpoint(tmp_path / "e.pt")
     for k in e["state_dict"]:
         torch.testing.assert_close(c["state_dict"][k], e["state_dict"][k], rtol=1e-3, atol=1e-4)
 
@@ -200,7 +197,7 @@ def test_mnist(mnist_dir, toy, tmp_path, capsys):
     code = main([*args, "--data-dir", str(mnist_dir), "--epochs", "1", "--batch-size", "128", "--lr", "0.05",
                  "--out", str(out)])  # fmt: skip
     assert code == 0, capsys.readouterr().out
-    last = _load(out)["history"][-1]
+    last = load_checkpoint(out)["history"][-1]
     assert last["val_count"] == 10_000 and last["val_acc"] > 0.9
 
 
@@ -218,7 +215,7 @@ def test_image_folder(tmp_path, capsys):
                  "--epochs", "1", "--batch-size", "8", "--out", str(out)])  # fmt: skip
     text = capsys.readouterr().out
     assert code == 0, text
-    ckpt = _load(out)
+    ckpt = load_checkpoint(out)
     assert ckpt["num_classes"] == 2 and ckpt["state_dict"]["fc.weight"].shape == (2, 96)
     assert (ckpt["history"][0]["val_count"], "18 train / 2 val") == (2, text.split("imgs (")[1][:16])
 
@@ -255,25 +252,17 @@ def test_image_folders_train_val_layout_and_holdout(tmp_path):
 # ------------------------------------------------------------------------------------------------------ bad inputs
 
 
-def _fails(args, capsys) -> str:
-    code = main(["finetune", *args])
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert err.count("\n") == 1 and "Traceback" not in err  # one line
-    return err
-
-
 def test_missing_and_unreadable_checkpoints(tmp_path, capsys):
-    assert "no such checkpoint file" in _fails([*RESNET, "--checkpoint", str(tmp_path / "nope.pt")], capsys)
+    assert "no such checkpoint file" in finetune_fails([*RESNET, "--checkpoint", str(tmp_path / "nope.pt")], capsys)
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    assert "cannot read checkpoint" in _fails([*RESNET, "--checkpoint", str(tmp_path / "junk.pt")], capsys)
+    assert "cannot read checkpoint" in finetune_fails([*RESNET, "--checkpoint", str(tmp_path / "junk.pt")], capsys)
     torch.save(timm.create_model("test_resnet", num_classes=10).state_dict(), tmp_path / "plain.pt")
-    err = _fails([*RESNET, "--resume", str(tmp_path / "plain.pt"), "--out", str(tmp_path / "o.pt")], capsys)
+    err = finetune_fails([*RESNET, "--resume", str(tmp_path / "plain.pt"), "--out", str(tmp_path / "o.pt")], capsys)
     assert "not a fine-tuning checkpoint (no optimizer, epoch, rng)" in err
 
 
 def test_checkpoint_of_another_architecture_names_the_keys(pretrained, capsys):
-    err = _fails(["test_efficientnet", "--input-size", "3,16,16", "--checkpoint", str(pretrained)], capsys)
+    err = finetune_fails(["test_efficientnet", "--input-size", "3,16,16", "--checkpoint", str(pretrained)], capsys)
     assert "is not a checkpoint of test_efficientnet" in err
     assert "missing key(s): conv_stem.weight" in err and "unexpected key(s): conv1.0.weight" in err
 
@@ -291,27 +280,27 @@ def test_empty_or_malformed_data_folder(tmp_path, capsys, layout, message):
     for rel, text in layout.items():
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text(text or "")
-    assert message in _fails([*RESNET, "--data", str(tmp_path), "--workers", "0"], capsys)
+    assert message in finetune_fails([*RESNET, "--data", str(tmp_path), "--workers", "0"], capsys)
 
 
 def test_other_bad_options(pretrained, tmp_path, capsys):
-    assert "no such folder (or use one of digits, mnist)" in _fails([*RESNET, "--data", "digitz"], capsys)
-    err = _fails([*RESNET, "--checkpoint", str(pretrained), "--num-classes", "5"], capsys)
+    assert "no such folder (or use one of digits, mnist)" in finetune_fails([*RESNET, "--data", "digitz"], capsys)
+    err = finetune_fails([*RESNET, "--checkpoint", str(pretrained), "--num-classes", "5"], capsys)
     assert "5 outputs but digits" in err and "10 classes" in err
-    assert "no such directory" in _fails([*RESNET, "--out", str(tmp_path / "no" / "x.pt")], capsys)
-    assert "fp16 needs a CUDA device" in _fails([*RESNET, "--amp", "fp16", "--device", "cpu"], capsys)
-    assert "MNIST not found" in _fails([*RESNET, "--data", "mnist", "--data-dir", str(tmp_path)], capsys)
+    assert "no such directory" in finetune_fails([*RESNET, "--out", str(tmp_path / "no" / "x.pt")], capsys)
+    assert "fp16 needs a CUDA device" in finetune_fails([*RESNET, "--amp", "fp16", "--device", "cpu"], capsys)
+    assert "MNIST not found" in finetune_fails([*RESNET, "--data", "mnist", "--data-dir", str(tmp_path)], capsys)
 
 
 def test_environment_errors_are_one_line(toy, tmp_path, monkeypatch, capsys):
     """A device torch does not know, a disk that is full at save time: the user's to fix, not internal errors."""
-    assert "--device bogus" in _fails([toy, "--input-size", "64", "--device", "bogus"], capsys)
+    assert "--device bogus" in finetune_fails([toy, "--input-size", "64", "--device", "bogus"], capsys)
 
     def full_disk(obj, f, *a, **k):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full_disk)
-    err = _fails([toy, "--input-size", "64", "--epochs", "1", "--out", str(tmp_path / "t.pt")], capsys)
+    err = finetune_fails([toy, "--input-size", "64", "--epochs", "1", "--out", str(tmp_path / "t.pt")], capsys)
     assert f"cannot write the checkpoint {tmp_path / 't.pt'}" in err and "No space left on device" in err
 
 
@@ -329,7 +318,7 @@ def test_atomic_save_never_leaves_a_torn_file(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", torn)
     with pytest.raises(KeyboardInterrupt):
         atomic_save({"epoch": 2, "w": torch.zeros(3)}, path)
-    assert _load(path)["epoch"] == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]
+    assert load_checkpoint(path)["epoch"] == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]
 
 
 def test_deploy_check_loads_into_the_unpatched_model_and_compares(toy):
@@ -388,7 +377,7 @@ def test_torchrun_two_processes_end_with_identical_weights(tmp_path):
            "-m", "gaaf_patch.cli", "finetune", *RESNET, "--epochs", "1", "--batch-size", "32", "--out", str(out)]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, textwrap.shorten(proc.stdout + proc.stderr, 3000)
-    ckpt = _load(out)
+    ckpt = load_checkpoint(out)
     digests = ckpt["replicas"]["digests"]
     assert ckpt["replicas"]["world_size"] == 2 and len(digests) == 2
     assert digests[0] == digests[1] == state_digest(ckpt["state_dict"])  # each rank hashed its own weights

@@ -18,7 +18,7 @@ import torch
 
 import gaaf_patch.finetune.run as run
 from gaaf_patch.cli import main
-from tests.helpers import write_image_folder
+from tests.helpers import finetune_fails, load_checkpoint, write_image_folder
 
 TOYS = '''
 from torch import nn
@@ -66,10 +66,6 @@ def folder(tmp_path_factory) -> Path:
     return write_image_folder(tmp_path_factory.mktemp("imgs"), 12, 20, 24)
 
 
-def _load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def _interrupt_in_epoch(monkeypatch, epoch: int) -> None:
     """Ctrl-C at the start of the given (1-based) epoch of the next run."""
     real, calls = run.train_epoch, []
@@ -93,7 +89,7 @@ def _straight_and_resumed(args: list[str], tmp_path: Path, monkeypatch, capsys) 
     assert f"continue with --resume {resumed} (it holds epoch 1 of" in capsys.readouterr().err
     assert main(["finetune", *args, "--resume", str(resumed), "--out", str(resumed)]) == 0
     assert "resumed after epoch 1 of 3" in capsys.readouterr().out
-    return _load(straight), _load(resumed)
+    return load_checkpoint(straight), load_checkpoint(resumed)
 
 
 def _assert_same_weights(a: dict, b: dict) -> None:
@@ -124,7 +120,7 @@ def test_digits_resume_is_bit_exact(toys, tmp_path, monkeypatch, capsys):
         assert main(["finetune", *args, "--out", str(x)]) == 130
     monkeypatch.setattr(run, "restore_rng", lambda state: None)
     assert main(["finetune", *args, "--resume", str(x), "--out", str(x)]) == 0
-    assert not torch.equal(a["state_dict"]["0.weight"], _load(x)["state_dict"]["0.weight"])
+    assert not torch.equal(a["state_dict"]["0.weight"], load_checkpoint(x)["state_dict"]["0.weight"])
     capsys.readouterr()
 
 
@@ -155,22 +151,14 @@ def test_image_folder_fresh_runs_with_one_seed_are_equal(toys, folder, tmp_path,
     assert random.random() == random.Random(1).random()  # the run did not consume the caller's state
     random.seed(2)
     assert main([*args, "--out", str(tmp_path / "b.pt")]) == 0
-    a, b = _load(tmp_path / "a.pt")["state_dict"], _load(tmp_path / "b.pt")["state_dict"]
+    a, b = load_checkpoint(tmp_path / "a.pt")["state_dict"], load_checkpoint(tmp_path / "b.pt")["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert main([*args, "--seed", "1", "--out", str(tmp_path / "c.pt")]) == 0
-    assert not torch.equal(a["head.weight"], _load(tmp_path / "c.pt")["state_dict"]["head.weight"])
+    assert not torch.equal(a["head.weight"], load_checkpoint(tmp_path / "c.pt")["state_dict"]["head.weight"])
     capsys.readouterr()
 
 
 # ----------------------------------------------------------------------------------------------- changed options
-
-
-def _fails(args, capsys) -> str:
-    code = main(["finetune", *args])
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert err.count("\n") == 1 and "Traceback" not in err
-    return err
 
 
 @pytest.fixture
@@ -189,24 +177,24 @@ def test_options_that_cannot_change_on_resume_are_refused(one_epoch, toys, folde
     args, ckpt = one_epoch
     before = ckpt.read_bytes()
     resume = ["--resume", str(ckpt), "--out", str(ckpt)]
-    err = _fails([*args, *resume, "--opt", "adamw"], capsys)  # was "error: step", from inside the optimizer
+    err = finetune_fails([*args, *resume, "--opt", "adamw"], capsys)  # was "error: step", from inside the optimizer
     assert "the run was started with --opt sgd (now adamw)" in err and "cannot change on resume" in err
-    err = _fails([*args, *resume, "--batch-size", "32", "--seed", "5", "--weight-decay", "0.1"], capsys)
+    err = finetune_fails([*args, *resume, "--batch-size", "32", "--seed", "5", "--weight-decay", "0.1"], capsys)
     assert "--batch-size 64 (now 32); --weight-decay 0.0 (now 0.1); --seed 0 (now 5)" in err
-    assert "--sched cosine (now constant)" in _fails([*args, *resume, "--sched", "constant"], capsys)
-    assert "--momentum 0.9 (now 0.5)" in _fails([*args, *resume, "--momentum", "0.5"], capsys)
-    assert f"--data digits (now {folder.resolve()})" in _fails([*args, *resume, "--data", str(folder)], capsys)
-    assert "--input-size 64 (now 8,8)" in _fails([*args, *resume, "--input-size", "8,8"], capsys)
+    assert "--sched cosine (now constant)" in finetune_fails([*args, *resume, "--sched", "constant"], capsys)
+    assert "--momentum 0.9 (now 0.5)" in finetune_fails([*args, *resume, "--momentum", "0.5"], capsys)
+    assert f"--data digits (now {folder.resolve()})" in finetune_fails([*args, *resume, "--data", str(folder)], capsys)
+    assert "--input-size 64 (now 8,8)" in finetune_fails([*args, *resume, "--input-size", "8,8"], capsys)
     assert ckpt.read_bytes() == before  # nothing was trained, nothing written
 
 
 def test_resume_with_more_epochs_rebuilds_the_schedule(one_epoch, capsys):
     """--epochs 3 -> 5 after epoch 1: the cosine runs over 5 epochs from where it is, never back up."""
     args, ckpt = one_epoch
-    steps = _load(ckpt)["steps_per_epoch"]
+    steps = load_checkpoint(ckpt)["steps_per_epoch"]
     assert main(["finetune", *args, "--epochs", "5", "--resume", str(ckpt), "--out", str(ckpt)]) == 0
     assert "schedule rebuilt for --lr 0.01 and --epochs 5" in capsys.readouterr().out
-    lrs = [row["lr"] for row in _load(ckpt)["history"]]
+    lrs = [row["lr"] for row in load_checkpoint(ckpt)["history"]]
     assert steps == 22 and len(lrs) == 5
     assert lrs[0] == pytest.approx(0.01 * (1 + math.cos(math.pi / 3)) / 2)  # epoch 1 ran on the 3-epoch curve
     for epoch in range(2, 6):  # the 5-epoch curve (the old code went back up: T stayed 3 epochs)
@@ -219,7 +207,7 @@ def test_resume_with_another_lr_uses_it(one_epoch, tmp_path, capsys):
     args, ckpt = one_epoch
     shutil.copy(ckpt, tmp_path / "copy.pt")
     assert main(["finetune", *args, "--lr", "0.1", "--resume", str(ckpt), "--out", str(ckpt)]) == 0
-    ck = _load(ckpt)
+    ck = load_checkpoint(ckpt)
     assert ck["args"]["lr"] == 0.1
     assert ck["history"][1]["lr"] == pytest.approx(0.1 * (1 + math.cos(2 * math.pi / 3)) / 2)
     # --sched constant: the new rate from the next step on
@@ -229,5 +217,5 @@ def test_resume_with_another_lr_uses_it(one_epoch, tmp_path, capsys):
         _interrupt_in_epoch(m, 2)
         assert main(["finetune", *const, "--out", str(out)]) == 130
     assert main(["finetune", *const, "--lr", "0.05", "--resume", str(out), "--out", str(out)]) == 0
-    assert [row["lr"] for row in _load(out)["history"]] == [0.02, 0.05, 0.05]
+    assert [row["lr"] for row in load_checkpoint(out)["history"]] == [0.02, 0.05, 0.05]
     capsys.readouterr()
