@@ -103,11 +103,15 @@ class Context:
     def decide(self, activation: str, name: str, is_gate: bool, module: nn.Module) -> bool:
         """Whether to patch an activation site; a gate left alone is recorded in ``skipped``."""
         if not self.config.wants(activation, is_gate):
-            # A module's train and eval graphs both hold the site: one entry.
-            if is_gate and activation in _acts.ACTIVATIONS and all(s["name"] != name for s in self.skipped):
-                self.skipped.append({"name": name, "activation": activation, "reason": "gate (output multiplies)"})
+            if is_gate and activation in _acts.ACTIVATIONS:
+                self.skip({"name": name, "activation": activation, "reason": "gate (output multiplies)"})
             return False
         return self.allowed(module, name)
+
+    def skip(self, entry: dict[str, Any]) -> None:
+        """Record a site left alone on purpose, once (a module's train and eval graphs both hold it)."""
+        if all(s["name"] != entry["name"] for s in self.skipped):
+            self.skipped.append(entry)
 
     def make_gaaf(self, activation: str, params: dict[str, Any], site: Site, original: Any = None, phi=None) -> GAAF:
         cfg = self.config

@@ -46,8 +46,7 @@ def run(ctx: Context) -> PatchPassResult:
     before = ctx.scopes
     for fqn, module in list(ctx.root.named_modules()):
         if isinstance(module, GLU_MODULES):  # a gate with no GAAF form: said so, for the audit to explain
-            if all(s["name"] != fqn for s in ctx.skipped):
-                ctx.skipped.append(glu_skip(fqn))
+            ctx.skip(glu_skip(fqn))
             continue
         if is_builtin(module) or targets.module_form(module) is not None or "forward" in module.__dict__:
             continue

@@ -110,8 +110,7 @@ class Rewriter:
     def _glu(self, node: fx.Node) -> None:
         """A GLU is a gate with no GAAF form: left as it is, and said so (the audit sees ``aten.glu`` run)."""
         name = self.site_name(node)
-        if all(s["name"] != name for s in self.ctx.skipped):
-            self.ctx.skipped.append(glu_skip(name))
+        self.ctx.skip(glu_skip(name))
 
     def _activation(self, graph: fx.Graph, node: fx.Node) -> int:
         if node.op == "call_function":
