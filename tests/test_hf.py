@@ -246,3 +246,13 @@ def test_cli_coverage_hf_writes_its_section_and_keeps_the_rest(tmp_path: Path, c
     assert "no transformers model type 'no_such_type'" in capsys.readouterr().err
     assert main(["coverage", "--hf", "--all", "--no-timm"]) == 2
     assert "--all, --no-timm: the timm/torchvision sweep's options" in capsys.readouterr().err
+
+
+def test_the_cli_prints_the_noise_it_kept_once_per_site(capsys: pytest.CaptureFixture[str]) -> None:
+    """wav2vec2 keeps SpecAugment (input augmentation): one line saying so, its knob and value, said once."""
+    assert main(["hf:wav2vec2", "--strip-dropout", "--config", "num_hidden_layers=1"]) == 0
+    out = capsys.readouterr().out
+    kept = [line for line in out.splitlines() if "kept" in line]
+    assert kept == [
+        "SpecAugment kept: input augmentation, not dropout (config.mask_time_prob=0.05; set it to 0 to turn it off)"
+    ], out

@@ -84,7 +84,9 @@ def print_report(
         )
     for r in rep.kept:
         if r.get("kind"):
-            console.print(f"kept {r['kind']} at {r['name'] or '<root>'}: {r['reason']}", soft_wrap=True, markup=False)
+            where = r["name"] or "<root>"
+            at = "" if where in r["reason"] else f" (at {where})"  # a config knob names itself in the reason
+            console.print(f"{r['reason']}{at}", soft_wrap=True, markup=False)  # "X kept: why"
 
     s = rep.summary()
     acts = ", ".join(f"{k} {v}" for k, v in sorted(s["by_activation"].items()))
